@@ -1,0 +1,98 @@
+//! The configuration file as written: serde types that mirror the TOML, with spans for
+//! error messages. No logic lives here; `validate` turns these into a `Table`.
+
+use serde::Deserialize;
+use toml::Spanned;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub environment: Spanned<String>,
+    pub listen: Spanned<ListenSection>,
+    pub upstream: Spanned<UpstreamSection>,
+    pub routes: Spanned<RoutesSection>,
+    #[serde(default)]
+    pub campaigns: Vec<Spanned<CampaignSection>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenSection {
+    pub proxy: Spanned<Vec<Spanned<String>>>,
+    pub admin: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamSection {
+    pub address: Spanned<String>,
+    #[serde(default)]
+    pub tls: bool,
+    pub sni: Option<Spanned<String>>,
+    pub connect_timeout_ms: Option<Spanned<i64>>,
+    pub read_timeout_ms: Option<Spanned<i64>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoutesSection {
+    pub campaign_paths: Spanned<Vec<Spanned<String>>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CampaignSection {
+    pub id: Spanned<String>,
+    #[serde(default)]
+    pub allowed_ips: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub allow_any_ip: bool,
+    #[serde(default)]
+    pub keys: Vec<Spanned<KeySection>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeySection {
+    pub id: Spanned<String>,
+    pub sha256: Spanned<String>,
+    pub expires_at: Option<Spanned<String>>,
+}
+
+/// The keys each table of the file may hold, for reporting every unknown key at once.
+/// It must list exactly the fields of the structs above; a unit test checks that.
+pub(super) mod schema {
+    pub enum Child {
+        Value,
+        Table(&'static [(&'static str, Child)]),
+        ArrayOfTables(&'static [(&'static str, Child)]),
+    }
+
+    pub const ROOT: &[(&str, Child)] = &[
+        ("environment", Child::Value),
+        ("listen", Child::Table(LISTEN)),
+        ("upstream", Child::Table(UPSTREAM)),
+        ("routes", Child::Table(ROUTES)),
+        ("campaigns", Child::ArrayOfTables(CAMPAIGN)),
+    ];
+    const LISTEN: &[(&str, Child)] = &[("proxy", Child::Value), ("admin", Child::Value)];
+    const UPSTREAM: &[(&str, Child)] = &[
+        ("address", Child::Value),
+        ("tls", Child::Value),
+        ("sni", Child::Value),
+        ("connect_timeout_ms", Child::Value),
+        ("read_timeout_ms", Child::Value),
+    ];
+    const ROUTES: &[(&str, Child)] = &[("campaign_paths", Child::Value)];
+    const CAMPAIGN: &[(&str, Child)] = &[
+        ("id", Child::Value),
+        ("allowed_ips", Child::Value),
+        ("allow_any_ip", Child::Value),
+        ("keys", Child::ArrayOfTables(KEY)),
+    ];
+    const KEY: &[(&str, Child)] = &[
+        ("id", Child::Value),
+        ("sha256", Child::Value),
+        ("expires_at", Child::Value),
+    ];
+}

@@ -1,0 +1,170 @@
+//! The configuration file: reading, parsing and validation into a `Table` and the
+//! settings that only a restart can change.
+//!
+//! `load` either returns a complete, valid configuration or every problem found, each
+//! with file, line, campaign, field and value. It never returns a partial table.
+
+mod address;
+mod error;
+mod file;
+mod validate;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+pub use error::{ConfigError, ConfigErrors, LoadError};
+
+use crate::table::Table;
+use error::{Report, Source};
+use file::schema::{self, Child};
+
+/// A valid configuration: the table, and the settings read at start only.
+#[derive(Debug)]
+pub struct Config {
+    pub table: Table,
+    pub settings: Settings,
+}
+
+/// Settings that take effect at start; a reload reports changes to them as needing a
+/// restart.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    pub listen: Listen,
+    pub upstream: Upstream,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listen {
+    pub proxy: Vec<SocketAddr>,
+    pub admin: Option<SocketAddr>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upstream {
+    pub host: String,
+    pub port: u16,
+    pub tls: bool,
+    /// The TLS server name, the host unless `sni` sets another.
+    pub sni: String,
+    pub connect_timeout: Duration,
+    pub read_timeout: Duration,
+}
+
+/// Reads and validates the configuration file at `path`.
+pub fn load(path: &Path) -> Result<Config, LoadError> {
+    let text = std::fs::read_to_string(path).map_err(|source| LoadError::Read {
+        path: path.display().to_string(),
+        source,
+    })?;
+    parse(&path.display().to_string(), &text).map_err(LoadError::Invalid)
+}
+
+/// Parses and validates configuration text; `path` only names the file in errors.
+pub fn parse(path: &str, text: &str) -> Result<Config, ConfigErrors> {
+    let source = Source::new(path, text);
+    let mut report = Report::new(&source);
+    let document = match toml_edit::ImDocument::parse(text) {
+        Ok(document) => document,
+        Err(error) => {
+            let span = error.span().unwrap_or(0..0);
+            report.error(
+                span,
+                None,
+                "",
+                None,
+                format!("invalid TOML: {}", error.message()),
+            );
+            return Err(ConfigErrors(report.errors));
+        }
+    };
+    find_unknown_keys(document.as_table(), schema::ROOT, "", None, &mut report);
+    if !report.errors.is_empty() {
+        return Err(ConfigErrors(report.errors));
+    }
+    let file: file::FileConfig =
+        match file::FileConfig::deserialize(toml_edit::de::Deserializer::from(document)) {
+            Ok(file) => file,
+            Err(error) => {
+                let span = error.span().unwrap_or(0..0);
+                report.error(span, None, "", None, error.message().to_owned());
+                return Err(ConfigErrors(report.errors));
+            }
+        };
+    match validate::build(file, &mut report) {
+        Some((table, settings)) if report.errors.is_empty() => Ok(Config { table, settings }),
+        _ => Err(ConfigErrors(report.errors)),
+    }
+}
+
+/// Reports every key that the schema does not know, with the campaign it sits in.
+fn find_unknown_keys(
+    table: &dyn toml_edit::TableLike,
+    known: &[(&str, Child)],
+    path: &str,
+    campaign: Option<&str>,
+    report: &mut Report<'_>,
+) {
+    for (key, item) in table.iter() {
+        let field = if path.is_empty() {
+            key.to_owned()
+        } else {
+            format!("{path}.{key}")
+        };
+        let span = table
+            .key(key)
+            .and_then(|k| k.span())
+            .or_else(|| item.span())
+            .unwrap_or(0..0);
+        let Some((_, child)) = known.iter().find(|(name, _)| *name == key) else {
+            let names: Vec<&str> = known.iter().map(|(name, _)| *name).collect();
+            report.error(
+                span,
+                campaign,
+                field,
+                None,
+                format!("unknown field; expected one of: {}", names.join(", ")),
+            );
+            continue;
+        };
+        match child {
+            Child::Value => {}
+            Child::Table(fields) => {
+                if let Some(inner) = item.as_table_like() {
+                    find_unknown_keys(inner, fields, &field, campaign, report);
+                }
+            }
+            Child::ArrayOfTables(fields) => {
+                for (index, entry) in tables_of(item).into_iter().enumerate() {
+                    let inner_campaign =
+                        campaign.or_else(|| entry.get("id").and_then(|id| id.as_str()));
+                    let entry_path = format!("{field}[{index}]");
+                    find_unknown_keys(entry, fields, &entry_path, inner_campaign, report);
+                }
+            }
+        }
+    }
+}
+
+/// Returns the tables of an array of tables, written either as `[[name]]` or inline.
+fn tables_of(item: &toml_edit::Item) -> Vec<&dyn toml_edit::TableLike> {
+    if let Some(array) = item.as_array_of_tables() {
+        return array
+            .iter()
+            .map(|t| t as &dyn toml_edit::TableLike)
+            .collect();
+    }
+    if let Some(array) = item.as_array() {
+        return array
+            .iter()
+            .filter_map(|value| value.as_inline_table())
+            .map(|t| t as &dyn toml_edit::TableLike)
+            .collect();
+    }
+    Vec::new()
+}
+
+#[cfg(test)]
+mod tests;

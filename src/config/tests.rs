@@ -1,0 +1,293 @@
+use super::*;
+
+const HASH_A: &str = "1111111111111111111111111111111111111111111111111111111111111111";
+const HASH_B: &str = "2222222222222222222222222222222222222222222222222222222222222222";
+
+const VALID: &str = r#"environment = "test"
+
+[listen]
+proxy = ["127.0.0.1:8080", "[::1]:8080"]
+admin = "127.0.0.1:9901"
+
+[upstream]
+address = "127.0.0.1:9000"
+connect_timeout_ms = 500
+
+[routes]
+campaign_paths = ["/api/v2/campaigns/{campaign}"]
+
+[[campaigns]]
+id = "campaign_a"
+allowed_ips = ["203.0.113.0/24", "2001:db8:a::/48"]
+
+[[campaigns.keys]]
+id = "primary"
+sha256 = "1111111111111111111111111111111111111111111111111111111111111111"
+expires_at = "2027-06-30T00:00:00Z"
+
+[[campaigns]]
+id = "campaign_b"
+allowed_ips = ["198.51.100.7"]
+keys = [{ id = "primary", sha256 = "2222222222222222222222222222222222222222222222222222222222222222" }]
+"#;
+
+fn errors(text: &str) -> Vec<ConfigError> {
+    parse("test.toml", text)
+        .expect_err("the file must be rejected")
+        .0
+}
+
+#[test]
+fn valid_file_builds_table_and_settings() {
+    let config = parse("test.toml", VALID).unwrap();
+    assert_eq!(config.table.campaigns().len(), 2);
+    assert_eq!(config.table.key_count(), 2);
+    assert_eq!(config.settings.listen.proxy.len(), 2);
+    assert_eq!(config.settings.upstream.port, 9000);
+    assert_eq!(config.settings.upstream.sni, "127.0.0.1");
+    assert_eq!(
+        config.settings.upstream.connect_timeout,
+        Duration::from_millis(500)
+    );
+    assert_eq!(
+        config.settings.upstream.read_timeout,
+        Duration::from_millis(30_000)
+    );
+    let first = &config.table.campaigns()[0];
+    assert_eq!(first.keys[0].expires_at, Some(1_814_313_600));
+}
+
+/// Replaces `from` in the valid file, which must contain it, and returns the errors.
+fn errors_after(from: &str, to: &str) -> Vec<ConfigError> {
+    assert!(VALID.contains(from), "{from}");
+    errors(&VALID.replacen(from, to, 1))
+}
+
+#[test]
+fn each_invalid_value_is_reported_with_line_and_field() {
+    let cases: &[(&str, &str, usize, &str, &str)] = &[
+        (
+            "environment = \"test\"",
+            "environment = \"prod\"",
+            1,
+            "environment",
+            "\"live\" or \"test\"",
+        ),
+        (
+            "\"127.0.0.1:8080\",",
+            "\"127.0.0.1\",",
+            4,
+            "listen.proxy[0]",
+            "IP:port",
+        ),
+        (
+            "admin = \"127.0.0.1:9901\"",
+            "admin = \"127.0.0.1:8080\"",
+            5,
+            "listen.admin",
+            "own address",
+        ),
+        (
+            "address = \"127.0.0.1:9000\"",
+            "address = \"::1:9000\"",
+            8,
+            "upstream.address",
+            "brackets",
+        ),
+        (
+            "connect_timeout_ms = 500",
+            "connect_timeout_ms = 0",
+            9,
+            "upstream.connect_timeout_ms",
+            "between 1",
+        ),
+        (
+            "/api/v2/campaigns/{campaign}\"",
+            "/api/{campaign}/messages\"",
+            12,
+            "routes.campaign_paths[0]",
+            "last segment",
+        ),
+        (
+            "id = \"campaign_a\"",
+            "id = \"campaign a\"",
+            15,
+            "campaigns[0].id",
+            "invalid id",
+        ),
+        (
+            "\"203.0.113.0/24\"",
+            "\"010.0.0.1\"",
+            16,
+            "campaigns[0].allowed_ips[0]",
+            "leading zeros",
+        ),
+        (
+            "\"203.0.113.0/24\"",
+            "\"203.0.113.7/24\"",
+            16,
+            "campaigns[0].allowed_ips[0]",
+            "did you mean 203.0.113.0/24",
+        ),
+        (
+            "\"203.0.113.0/24\"",
+            "\"0.0.0.0/0\"",
+            16,
+            "campaigns[0].allowed_ips[0]",
+            "allow_any_ip",
+        ),
+        (
+            "sha256 = \"1111",
+            "sha256 = \"X111",
+            20,
+            "campaigns[0].keys[0].sha256",
+            "64 lowercase",
+        ),
+        (
+            "2027-06-30T00:00:00Z",
+            "2027-06-31",
+            21,
+            "campaigns[0].keys[0].expires_at",
+            "RFC 3339",
+        ),
+        (
+            "id = \"campaign_b\"",
+            "id = \"campaign_a\"",
+            24,
+            "campaigns[1].id",
+            "first defined on line 15",
+        ),
+        (
+            HASH_B,
+            HASH_A,
+            26,
+            "campaigns[1].keys[0].sha256",
+            "already used by key \"primary\" of campaign \"campaign_a\" on line 20",
+        ),
+        (
+            "allowed_ips = [\"198.51.100.7\"]",
+            "",
+            24,
+            "campaigns[1].allowed_ips",
+            "no allowed IPs",
+        ),
+    ];
+    for (from, to, line, field, message) in cases {
+        let found = errors_after(from, to);
+        assert_eq!(found.len(), 1, "{from} -> {to}: {found:?}");
+        let error = &found[0];
+        assert_eq!(error.line, *line, "{error}");
+        assert_eq!(error.field, *field, "{error}");
+        assert!(error.message.contains(message), "{error}");
+        assert_eq!(error.file, "test.toml");
+    }
+}
+
+#[test]
+fn errors_name_the_campaign_and_value() {
+    let found = errors_after("\"203.0.113.0/24\"", "\"203.0.113.7/33\"");
+    let text = found[0].to_string();
+    assert_eq!(
+        text,
+        "test.toml:16: campaign \"campaign_a\": campaigns[0].allowed_ips[0] = \"203.0.113.7/33\": prefix length is too long; the maximum is 32"
+    );
+}
+
+#[test]
+fn every_error_is_reported_at_once() {
+    let text = VALID
+        .replacen("\"203.0.113.0/24\"", "\"010.0.0.1\"", 1)
+        .replacen("2027-06-30T00:00:00Z", "tomorrow", 1)
+        .replacen("id = \"campaign_b\"", "id = \"campaign_a\"", 1);
+    let lines: Vec<usize> = errors(&text).iter().map(|e| e.line).collect();
+    assert_eq!(lines, vec![16, 21, 24]);
+}
+
+#[test]
+fn unknown_fields_are_all_reported_with_campaign() {
+    let text = VALID
+        .replacen("connect_timeout_ms = 500", "connect_timeout = 500", 1)
+        .replacen(
+            "id = \"primary\"\n",
+            "id = \"primary\"\nsecret = \"x\"\n",
+            1,
+        )
+        .replacen(
+            "keys = [{ id = \"primary\"",
+            "keys = [{ name = \"p\", id = \"primary\"",
+            1,
+        );
+    let found = errors(&text);
+    let summary: Vec<(usize, Option<&str>, &str)> = found
+        .iter()
+        .map(|e| (e.line, e.campaign.as_deref(), e.field.as_str()))
+        .collect();
+    assert_eq!(
+        summary,
+        vec![
+            (9, None, "upstream.connect_timeout"),
+            (20, Some("campaign_a"), "campaigns[0].keys[0].secret"),
+            (27, Some("campaign_b"), "campaigns[1].keys[0].name"),
+        ]
+    );
+    assert!(found[0].message.contains("expected one of: address, tls"));
+}
+
+const LAST_KEY_LINE_A: &str = "expires_at = \"2027-06-30T00:00:00Z\"\n";
+
+#[test]
+fn more_than_three_keys_is_rejected() {
+    let extra: String = (3..6)
+        .map(|n| {
+            format!(
+                "\n[[campaigns.keys]]\nid = \"k{n}\"\nsha256 = \"{}\"\n",
+                format!("{n}").repeat(64)
+            )
+        })
+        .collect();
+    let found = errors_after(LAST_KEY_LINE_A, &format!("{LAST_KEY_LINE_A}{extra}"));
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0].field, "campaigns[0].keys");
+    assert!(found[0].message.contains("at most 3"));
+    assert_eq!(found[0].line, 31);
+}
+
+#[test]
+fn duplicate_key_id_in_campaign_is_rejected() {
+    let extra = format!(
+        "\n[[campaigns.keys]]\nid = \"primary\"\nsha256 = \"{}\"\n",
+        "3".repeat(64)
+    );
+    let found = errors_after(LAST_KEY_LINE_A, &format!("{LAST_KEY_LINE_A}{extra}"));
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0].field, "campaigns[0].keys[1].id");
+    assert_eq!(found[0].line, 24);
+    assert!(
+        found[0].message.contains("duplicate key id"),
+        "{}",
+        found[0]
+    );
+}
+
+#[test]
+fn invalid_toml_reports_its_line() {
+    let found = errors_after("id = \"campaign_b\"", "id = \"campaign_b");
+    assert_eq!(found[0].line, 24);
+    assert!(found[0].message.starts_with("invalid TOML"));
+}
+
+#[test]
+fn wrong_type_reports_its_line() {
+    let found = errors_after("connect_timeout_ms = 500", "connect_timeout_ms = \"500\"");
+    assert_eq!(found[0].line, 9, "{}", found[0]);
+}
+
+#[test]
+fn allow_any_ip_permits_whole_family() {
+    let text = VALID.replacen(
+        "allowed_ips = [\"198.51.100.7\"]",
+        "allowed_ips = [\"0.0.0.0/0\", \"::/0\"]\nallow_any_ip = true",
+        1,
+    );
+    assert!(parse("test.toml", &text).is_ok());
+}

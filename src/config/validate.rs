@@ -1,0 +1,464 @@
+//! Validation: turns the file types into the runtime table and settings, and reports
+//! every problem at once.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use toml::Spanned;
+
+use super::address::{is_any, parse_network};
+use super::error::Report;
+use super::file::{CampaignSection, FileConfig, KeySection, UpstreamSection};
+use super::{Listen, Settings, Upstream};
+use crate::table::{
+    Campaign, Environment, IpSet, KeyHash, KeyInfo, Route, Table, MAX_KEYS_PER_CAMPAIGN,
+};
+
+const DEFAULT_CONNECT_TIMEOUT_MS: i64 = 2_000;
+const DEFAULT_READ_TIMEOUT_MS: i64 = 30_000;
+const MAX_TIMEOUT_MS: i64 = 3_600_000;
+const MAX_ID_LEN: usize = 128;
+
+/// Builds the table and settings, or records every problem in `report`.
+pub(super) fn build(file: FileConfig, report: &mut Report<'_>) -> Option<(Table, Settings)> {
+    let environment = environment(&file.environment, report);
+    let listen = listen(&file.listen, report);
+    let upstream = upstream(&file.upstream, report);
+    let routes = routes(&file.routes, report);
+    let campaigns = campaigns(&file.campaigns, report);
+
+    if !report.errors.is_empty() {
+        return None;
+    }
+    let table = Table::new(environment?, routes, campaigns);
+    let settings = Settings {
+        listen: listen?,
+        upstream: upstream?,
+    };
+    Some((table, settings))
+}
+
+fn environment(value: &Spanned<String>, report: &mut Report<'_>) -> Option<Environment> {
+    match value.get_ref().as_str() {
+        "live" => Some(Environment::Live),
+        "test" => Some(Environment::Test),
+        other => {
+            report.error(
+                value.span(),
+                None,
+                "environment",
+                Some(other),
+                "must be \"live\" or \"test\"",
+            );
+            None
+        }
+    }
+}
+
+fn listen(
+    section: &Spanned<super::file::ListenSection>,
+    report: &mut Report<'_>,
+) -> Option<Listen> {
+    let section = section.get_ref();
+    let errors_before = report.errors.len();
+    if section.proxy.get_ref().is_empty() {
+        report.error(
+            section.proxy.span(),
+            None,
+            "listen.proxy",
+            None,
+            "at least one listen address is required, such as \"127.0.0.1:8080\"",
+        );
+    }
+    let mut proxy = Vec::new();
+    for (index, entry) in section.proxy.get_ref().iter().enumerate() {
+        let field = format!("listen.proxy[{index}]");
+        if let Some(address) = socket_address(entry, &field, report) {
+            proxy.push(address);
+        }
+    }
+    let admin = section
+        .admin
+        .as_ref()
+        .and_then(|entry| socket_address(entry, "listen.admin", report).map(|a| (a, entry)));
+    if let Some((address, entry)) = admin {
+        if proxy.contains(&address) {
+            report.error(
+                entry.span(),
+                None,
+                "listen.admin",
+                Some(entry.get_ref()),
+                "the admin listener needs its own address, not one of the proxy's",
+            );
+        }
+    }
+    (report.errors.len() == errors_before).then(|| Listen {
+        proxy,
+        admin: admin.map(|(address, _)| address),
+    })
+}
+
+fn socket_address(
+    entry: &Spanned<String>,
+    field: &str,
+    report: &mut Report<'_>,
+) -> Option<SocketAddr> {
+    match entry.get_ref().parse::<SocketAddr>() {
+        Ok(address) => Some(address),
+        Err(_) => {
+            report.error(
+                entry.span(),
+                None,
+                field,
+                Some(entry.get_ref()),
+                "invalid socket address; write IP:port, such as \"127.0.0.1:8080\" or \"[::]:8080\"",
+            );
+            None
+        }
+    }
+}
+
+fn upstream(section: &Spanned<UpstreamSection>, report: &mut Report<'_>) -> Option<Upstream> {
+    let section = section.get_ref();
+    let errors_before = report.errors.len();
+    let address = &section.address;
+    let host_port = split_host_port(address.get_ref());
+    if let Err(message) = &host_port {
+        report.error(
+            address.span(),
+            None,
+            "upstream.address",
+            Some(address.get_ref()),
+            message.clone(),
+        );
+    }
+    let connect_timeout = timeout(
+        section.connect_timeout_ms.as_ref(),
+        DEFAULT_CONNECT_TIMEOUT_MS,
+        "upstream.connect_timeout_ms",
+        report,
+    );
+    let read_timeout = timeout(
+        section.read_timeout_ms.as_ref(),
+        DEFAULT_READ_TIMEOUT_MS,
+        "upstream.read_timeout_ms",
+        report,
+    );
+    if let Some(sni) = &section.sni {
+        if sni.get_ref().is_empty() || sni.get_ref().contains(char::is_whitespace) {
+            report.error(
+                sni.span(),
+                None,
+                "upstream.sni",
+                Some(sni.get_ref()),
+                "must be a host name without whitespace",
+            );
+        }
+    }
+    if report.errors.len() != errors_before {
+        return None;
+    }
+    let (host, port) = host_port.ok()?;
+    let sni = match &section.sni {
+        Some(sni) => sni.get_ref().clone(),
+        None => host.clone(),
+    };
+    Some(Upstream {
+        host,
+        port,
+        tls: section.tls,
+        sni,
+        connect_timeout: connect_timeout?,
+        read_timeout: read_timeout?,
+    })
+}
+
+/// Splits `host:port`, where an IPv6 host is written in brackets.
+fn split_host_port(text: &str) -> Result<(String, u16), String> {
+    const HINT: &str =
+        "write host:port, such as \"127.0.0.1:9000\", \"[::1]:9000\" or \"sms-api.internal:443\"";
+    let (host, port) = text
+        .rsplit_once(':')
+        .ok_or_else(|| format!("missing port; {HINT}"))?;
+    let host = match host.strip_prefix('[') {
+        Some(bracketed) => bracketed
+            .strip_suffix(']')
+            .filter(|inner| inner.parse::<std::net::Ipv6Addr>().is_ok())
+            .ok_or_else(|| format!("invalid IPv6 host; {HINT}"))?,
+        None if host.contains(':') => return Err(format!("IPv6 hosts need brackets; {HINT}")),
+        None => host,
+    };
+    let valid_host = !host.is_empty()
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b':'));
+    if !valid_host {
+        return Err(format!("invalid host; {HINT}"));
+    }
+    let port = port
+        .parse::<u16>()
+        .ok()
+        .filter(|&port| port != 0)
+        .ok_or_else(|| format!("invalid port; {HINT}"))?;
+    Ok((host.to_owned(), port))
+}
+
+fn timeout(
+    value: Option<&Spanned<i64>>,
+    default_ms: i64,
+    field: &str,
+    report: &mut Report<'_>,
+) -> Option<Duration> {
+    let Some(value) = value else {
+        return Some(Duration::from_millis(default_ms as u64));
+    };
+    let ms = *value.get_ref();
+    if !(1..=MAX_TIMEOUT_MS).contains(&ms) {
+        report.error(
+            value.span(),
+            None,
+            field,
+            Some(&ms.to_string()),
+            format!("must be between 1 and {MAX_TIMEOUT_MS} milliseconds"),
+        );
+        return None;
+    }
+    Some(Duration::from_millis(ms as u64))
+}
+
+fn routes(section: &Spanned<super::file::RoutesSection>, report: &mut Report<'_>) -> Vec<Route> {
+    let paths = &section.get_ref().campaign_paths;
+    if paths.get_ref().is_empty() {
+        report.error(
+            paths.span(),
+            None,
+            "routes.campaign_paths",
+            None,
+            "at least one route is required, such as \"/api/v2/campaigns/{campaign}\"",
+        );
+    }
+    let mut routes = Vec::new();
+    for (index, pattern) in paths.get_ref().iter().enumerate() {
+        match Route::parse(pattern.get_ref()) {
+            Ok(route) => routes.push(route),
+            Err(message) => report.error(
+                pattern.span(),
+                None,
+                format!("routes.campaign_paths[{index}]"),
+                Some(pattern.get_ref()),
+                format!("invalid route: {message}, as in \"/api/v2/campaigns/{{campaign}}\""),
+            ),
+        }
+    }
+    routes
+}
+
+fn campaigns(sections: &[Spanned<CampaignSection>], report: &mut Report<'_>) -> Vec<Campaign> {
+    let mut first_line_of_id: HashMap<&str, usize> = HashMap::new();
+    let mut owner_of_hash: HashMap<KeyHash, (String, String, usize)> = HashMap::new();
+    let mut campaigns = Vec::with_capacity(sections.len());
+    for (index, section) in sections.iter().enumerate() {
+        let section = section.get_ref();
+        let id = section.id.get_ref().as_str();
+        let field = format!("campaigns[{index}]");
+        if let Some(message) = invalid_id(id) {
+            report.error(
+                section.id.span(),
+                Some(id),
+                format!("{field}.id"),
+                Some(id),
+                message,
+            );
+        }
+        let line = report.line(section.id.span().start);
+        if let Some(&first) = first_line_of_id.get(id) {
+            report.error(
+                section.id.span(),
+                Some(id),
+                format!("{field}.id"),
+                Some(id),
+                format!("duplicate campaign id; it is first defined on line {first}"),
+            );
+        } else {
+            first_line_of_id.insert(id, line);
+        }
+        let networks = allowlist(section, &field, report);
+        let keys = keys(section, &field, &mut owner_of_hash, report);
+        campaigns.push(Campaign {
+            id: id.into(),
+            networks,
+            keys,
+        });
+    }
+    campaigns
+}
+
+fn allowlist(section: &CampaignSection, field: &str, report: &mut Report<'_>) -> IpSet {
+    let id = section.id.get_ref().as_str();
+    let mut networks = Vec::with_capacity(section.allowed_ips.len());
+    for (index, entry) in section.allowed_ips.iter().enumerate() {
+        let entry_field = format!("{field}.allowed_ips[{index}]");
+        match parse_network(entry.get_ref()) {
+            Ok(network) if is_any(&network) && !section.allow_any_ip => report.error(
+                entry.span(),
+                Some(id),
+                entry_field,
+                Some(entry.get_ref()),
+                "this allows every address; set allow_any_ip = true on the campaign if that is intended",
+            ),
+            Ok(network) => networks.push(network),
+            Err(message) => report.error(
+                entry.span(),
+                Some(id),
+                entry_field,
+                Some(entry.get_ref()),
+                message,
+            ),
+        }
+    }
+    if !section.keys.is_empty() && section.allowed_ips.is_empty() {
+        report.error(
+            section.id.span(),
+            Some(id),
+            format!("{field}.allowed_ips"),
+            None,
+            "the campaign has keys but no allowed IPs; a key works only once its campaign allows at least one address",
+        );
+    }
+    IpSet::from_networks(&networks)
+}
+
+fn keys(
+    section: &CampaignSection,
+    field: &str,
+    owner_of_hash: &mut HashMap<KeyHash, (String, String, usize)>,
+    report: &mut Report<'_>,
+) -> Vec<KeyInfo> {
+    let campaign_id = section.id.get_ref().as_str();
+    if section.keys.len() > MAX_KEYS_PER_CAMPAIGN {
+        let extra = &section.keys[MAX_KEYS_PER_CAMPAIGN];
+        report.error(
+            extra.span(),
+            Some(campaign_id),
+            format!("{field}.keys"),
+            None,
+            format!(
+                "the campaign has {} keys, but at most {MAX_KEYS_PER_CAMPAIGN} are allowed; remove a retired key",
+                section.keys.len()
+            ),
+        );
+    }
+    let mut seen_ids: HashMap<&str, usize> = HashMap::new();
+    let mut keys = Vec::with_capacity(section.keys.len());
+    for (index, key) in section.keys.iter().enumerate() {
+        let key_field = format!("{field}.keys[{index}]");
+        if let Some(info) = key_info(
+            key,
+            campaign_id,
+            &key_field,
+            &mut seen_ids,
+            owner_of_hash,
+            report,
+        ) {
+            keys.push(info);
+        }
+    }
+    keys
+}
+
+fn key_info<'a>(
+    key: &'a Spanned<KeySection>,
+    campaign_id: &str,
+    field: &str,
+    seen_ids: &mut HashMap<&'a str, usize>,
+    owner_of_hash: &mut HashMap<KeyHash, (String, String, usize)>,
+    report: &mut Report<'_>,
+) -> Option<KeyInfo> {
+    let key = key.get_ref();
+    let id = key.id.get_ref().as_str();
+    let errors_before = report.errors.len();
+    if let Some(message) = invalid_id(id) {
+        report.error(
+            key.id.span(),
+            Some(campaign_id),
+            format!("{field}.id"),
+            Some(id),
+            message,
+        );
+    }
+    let line = report.line(key.id.span().start);
+    match seen_ids.get(id) {
+        Some(first) => report.error(
+            key.id.span(),
+            Some(campaign_id),
+            format!("{field}.id"),
+            Some(id),
+            format!("duplicate key id in this campaign; it is first used on line {first}"),
+        ),
+        None => {
+            seen_ids.insert(id, line);
+        }
+    }
+
+    let hash_text = key.sha256.get_ref();
+    let hash = KeyHash::from_hex(hash_text);
+    match hash {
+        None => report.error(
+            key.sha256.span(),
+            Some(campaign_id),
+            format!("{field}.sha256"),
+            Some(hash_text),
+            "must be 64 lowercase hexadecimal digits, as printed by `keygate key hash`",
+        ),
+        Some(hash) => {
+            let hash_line = report.line(key.sha256.span().start);
+            if let Some((owner, owner_key, first)) = owner_of_hash.get(&hash) {
+                report.error(
+                    key.sha256.span(),
+                    Some(campaign_id),
+                    format!("{field}.sha256"),
+                    Some(hash_text),
+                    format!(
+                        "the same key hash is already used by key \"{owner_key}\" of campaign \"{owner}\" on line {first}; every key must be unique"
+                    ),
+                );
+            } else {
+                owner_of_hash.insert(hash, (campaign_id.to_owned(), id.to_owned(), hash_line));
+            }
+        }
+    }
+
+    let expires_at = key.expires_at.as_ref().and_then(|value| {
+        let parsed = chrono::DateTime::parse_from_rfc3339(value.get_ref());
+        if parsed.is_err() {
+            report.error(
+                value.span(),
+                Some(campaign_id),
+                format!("{field}.expires_at"),
+                Some(value.get_ref()),
+                "invalid timestamp; write RFC 3339, such as \"2027-06-30T00:00:00Z\"",
+            );
+        }
+        parsed.ok().map(|time| time.timestamp())
+    });
+
+    (report.errors.len() == errors_before).then(|| KeyInfo {
+        id: id.into(),
+        hash: hash.expect("checked above"),
+        expires_at,
+    })
+}
+
+/// Returns why an id is invalid: ids are 1 to 128 of `A-Z a-z 0-9 _ -`.
+fn invalid_id(id: &str) -> Option<String> {
+    let valid_chars = id
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if id.is_empty() || id.len() > MAX_ID_LEN || !valid_chars {
+        return Some(format!(
+            "invalid id; use 1 to {MAX_ID_LEN} of the characters A-Z a-z 0-9 _ -"
+        ));
+    }
+    None
+}

@@ -1,0 +1,290 @@
+//! The `keygate` command: run the proxy, check a config file, and make or hash keys.
+
+#![forbid(unsafe_code)]
+
+use std::io::{IsTerminal, Read};
+use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use clap::{Parser, Subcommand, ValueEnum};
+use pingora::listeners::TcpSocketOptions;
+use pingora::prelude::*;
+use pingora::server::configuration::ServerConf;
+
+use keygate::config::{self, LoadError, Upstream};
+use keygate::proxy::{Keygate, UpstreamPeer};
+use keygate::table::{key, Environment, KeyHash, Table};
+
+/// Exit code for an invalid or unreadable configuration file (EX_USAGE).
+const EXIT_BAD_CONFIG: u8 = 64;
+/// Exit code for bad input on standard input (EX_DATAERR).
+const EXIT_BAD_INPUT: u8 = 65;
+/// Exit code when a listener or the upstream is unavailable at start (EX_UNAVAILABLE).
+const EXIT_UNAVAILABLE: u8 = 69;
+
+/// Days ahead within which `check` lists expiring keys.
+const EXPIRY_WARNING_DAYS: i64 = 30;
+
+#[derive(Parser)]
+#[command(
+    name = "keygate",
+    version,
+    about = "An API key and IP allowlist filter in front of an HTTP API"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start the proxy.
+    Run {
+        /// Path of the TOML configuration file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Validate a configuration file and print a summary.
+    Check {
+        /// Path of the TOML configuration file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Make or hash API keys.
+    Key {
+        #[command(subcommand)]
+        command: KeyCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeyCommand {
+    /// Print a new key on stdout, and on stderr the TOML lines that hold its SHA-256.
+    New {
+        /// The environment the key is for.
+        #[arg(long, value_enum)]
+        env: EnvArg,
+    },
+    /// Read a key on stdin and print its SHA-256 in lowercase hex.
+    Hash,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum EnvArg {
+    Live,
+    Test,
+}
+
+/// Why the command failed.
+#[derive(Debug, thiserror::Error)]
+enum AppError {
+    #[error("{0}")]
+    Config(#[from] LoadError),
+    #[error("failed to resolve upstream host {host}: {reason}")]
+    Resolve { host: String, reason: String },
+    #[error("failed to listen on {address}: {source}; is another process using it?")]
+    Bind {
+        address: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("failed to read the key from stdin: {0}")]
+    ReadKey(std::io::Error),
+    #[error("invalid key on stdin: {0}")]
+    InvalidKey(&'static str),
+    #[error("failed to get random bytes from the operating system: {0}")]
+    Random(getrandom::Error),
+}
+
+impl AppError {
+    fn exit_code(&self) -> u8 {
+        match self {
+            AppError::Config(_) => EXIT_BAD_CONFIG,
+            AppError::ReadKey(_) | AppError::InvalidKey(_) => EXIT_BAD_INPUT,
+            AppError::Resolve { .. } | AppError::Bind { .. } => EXIT_UNAVAILABLE,
+            AppError::Random(_) => 1,
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run { config } => run(&config),
+        Command::Check { config } => check(&config),
+        Command::Key {
+            command: KeyCommand::New { env },
+        } => new_key(env),
+        Command::Key {
+            command: KeyCommand::Hash,
+        } => hash_key(),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            if let AppError::Config(LoadError::Invalid(errors)) = &error {
+                eprintln!(
+                    "error: the configuration is invalid ({} problems):",
+                    errors.0.len()
+                );
+            }
+            eprintln!("{error}");
+            ExitCode::from(error.exit_code())
+        }
+    }
+}
+
+fn run(path: &Path) -> Result<(), AppError> {
+    keygate::logging::init();
+    let loaded = config::load(path)?;
+    let upstream = resolve(&loaded.settings.upstream)?;
+    for &address in &loaded.settings.listen.proxy {
+        // Pingora retries a busy address for 30 s and then stops only that service, so
+        // a busy address is found here instead and the process exits.
+        TcpListener::bind(address).map_err(|source| AppError::Bind { address, source })?;
+    }
+    tracing::info!(
+        config.path = %path.display(),
+        campaigns = loaded.table.campaigns().len(),
+        keys = loaded.table.key_count(),
+        upstream.address = %upstream.address,
+        "configuration loaded",
+    );
+
+    let table = Arc::new(ArcSwap::from_pointee(loaded.table));
+    let server_conf = ServerConf {
+        threads: 1,
+        ..ServerConf::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(None, server_conf);
+    server.bootstrap();
+    let mut proxy = http_proxy_service(&server.configuration, Keygate::new(table, upstream));
+    for address in &loaded.settings.listen.proxy {
+        let mut options = TcpSocketOptions::default();
+        if address.is_ipv6() && address.ip().is_unspecified() {
+            // "[::]:port" serves IPv4 clients too, whatever the system default is.
+            options.ipv6_only = Some(false);
+        }
+        proxy.add_tcp_with_settings(&address.to_string(), options);
+        tracing::info!(listen.address = %address, "proxy listener configured");
+    }
+    server.add_service(proxy);
+    server.run_forever()
+}
+
+/// Resolves the upstream host once, at start.
+fn resolve(upstream: &Upstream) -> Result<UpstreamPeer, AppError> {
+    let resolve_error = |reason: String| AppError::Resolve {
+        host: upstream.host.clone(),
+        reason,
+    };
+    let address = (upstream.host.as_str(), upstream.port)
+        .to_socket_addrs()
+        .map_err(|error| resolve_error(error.to_string()))?
+        .next()
+        .ok_or_else(|| resolve_error("no addresses found".into()))?;
+    Ok(UpstreamPeer {
+        address,
+        tls: upstream.tls,
+        sni: upstream.sni.clone(),
+        connect_timeout: upstream.connect_timeout,
+        read_timeout: upstream.read_timeout,
+    })
+}
+
+fn check(path: &Path) -> Result<(), AppError> {
+    let loaded = config::load(path)?;
+    print!("{}", summary(path, &loaded.table, unix_now()));
+    Ok(())
+}
+
+/// Describes a valid table: counts, and the keys that expire soon or have expired.
+fn summary(path: &Path, table: &Table, now: i64) -> String {
+    let campaigns = table.campaigns();
+    let ranges: usize = campaigns.iter().map(|c| c.networks.range_count()).sum();
+    let mut text = format!(
+        "{}: valid\nenvironment: {}\ncampaigns: {}\nkeys: {}\nnetworks: {} (after merging overlaps)\n",
+        path.display(),
+        table.environment().as_str(),
+        campaigns.len(),
+        table.key_count(),
+        ranges,
+    );
+    let horizon = now + EXPIRY_WARNING_DAYS * 86_400;
+    let mut expiring: Vec<(i64, &str, &str)> = campaigns
+        .iter()
+        .flat_map(|c| c.keys.iter().map(move |k| (k, &*c.id)))
+        .filter_map(|(k, campaign)| k.expires_at.map(|at| (at, campaign, &*k.id)))
+        .filter(|&(at, _, _)| at <= horizon)
+        .collect();
+    expiring.sort_unstable();
+    text.push_str(&format!(
+        "keys expiring within {EXPIRY_WARNING_DAYS} days: {}\n",
+        expiring.len()
+    ));
+    for (at, campaign, key) in expiring {
+        let when = chrono::DateTime::from_timestamp(at, 0)
+            .map_or_else(|| at.to_string(), |t| t.to_rfc3339());
+        let state = if at <= now { "expired" } else { "expires" };
+        text.push_str(&format!(
+            "  campaign \"{campaign}\" key \"{key}\": {state} {when}\n"
+        ));
+    }
+    text
+}
+
+fn new_key(env: EnvArg) -> Result<(), AppError> {
+    let environment = match env {
+        EnvArg::Live => Environment::Live,
+        EnvArg::Test => Environment::Test,
+    };
+    let key = key::generate(environment).map_err(AppError::Random)?;
+    let hash = KeyHash::of(key.as_bytes()).to_hex();
+    println!("{key}");
+    eprintln!(
+        "\n# The key above is shown once and stored nowhere; give it to the caller now.\n\
+         # Paste these lines under the campaign's [[campaigns]] table:\n\
+         [[campaigns.keys]]\n\
+         id = \"key-{}\"\n\
+         sha256 = \"{hash}\"",
+        &hash[..8]
+    );
+    Ok(())
+}
+
+fn hash_key() -> Result<(), AppError> {
+    let mut input = Vec::new();
+    let stdin = std::io::stdin();
+    if stdin.is_terminal() {
+        eprintln!("Paste the key, then press Enter and Ctrl-D:");
+    }
+    stdin
+        .lock()
+        .read_to_end(&mut input)
+        .map_err(AppError::ReadKey)?;
+    let key = input
+        .strip_suffix(b"\n")
+        .map(|line| line.strip_suffix(b"\r").unwrap_or(line))
+        .unwrap_or(&input);
+    if key.is_empty() {
+        return Err(AppError::InvalidKey("the input is empty"));
+    }
+    if key
+        .iter()
+        .any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
+    {
+        return Err(AppError::InvalidKey(
+            "the input contains whitespace or more than one line; pass the key alone",
+        ));
+    }
+    println!("{}", KeyHash::of(key).to_hex());
+    Ok(())
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_secs() as i64)
+}

@@ -1,0 +1,318 @@
+//! The Pingora glue: reads each request, asks the decision, and either answers the
+//! rejection itself or forwards the request with keygate's identity headers.
+//!
+//! Each request loads the table once, in `request_filter`, and keeps that snapshot in its
+//! context for the decision, the upstream headers and the access log line.
+
+mod headers;
+mod respond;
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use pingora::http::RequestHeader;
+use pingora::prelude::*;
+use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+use pingora::{ErrorSource, ErrorType};
+
+use crate::table::{decide, Decision, Denial, Grant, RequestFacts, Table};
+pub use headers::is_reserved;
+use headers::RawAuthorization;
+pub use respond::{error_body, ErrorReply, MAX_DRAIN_BYTES};
+
+/// Where allowed requests go, resolved at start.
+#[derive(Debug, Clone)]
+pub struct UpstreamPeer {
+    pub address: SocketAddr,
+    pub tls: bool,
+    pub sni: String,
+    pub connect_timeout: Duration,
+    pub read_timeout: Duration,
+}
+
+/// The proxy application.
+pub struct Keygate {
+    table: Arc<ArcSwap<Table>>,
+    upstream: UpstreamPeer,
+}
+
+impl Keygate {
+    pub fn new(table: Arc<ArcSwap<Table>>, upstream: UpstreamPeer) -> Self {
+        Self { table, upstream }
+    }
+}
+
+/// What happened to a request, for the access log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The request was read, but no decision was made yet.
+    Pending,
+    Allowed(Grant),
+    Rejected(Denial),
+    /// The request was allowed, but the upstream failed; the code names how.
+    UpstreamError(&'static str),
+}
+
+/// Per-request state.
+pub struct RequestContext {
+    table: Option<Arc<Table>>,
+    request_id: String,
+    client_ip: Option<IpAddr>,
+    outcome: Outcome,
+    started: Instant,
+}
+
+#[async_trait]
+impl ProxyHttp for Keygate {
+    type CTX = RequestContext;
+
+    fn new_ctx(&self) -> RequestContext {
+        RequestContext {
+            table: None,
+            request_id: new_request_id(),
+            client_ip: None,
+            outcome: Outcome::Pending,
+            started: Instant::now(),
+        }
+    }
+
+    async fn request_filter(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestContext,
+    ) -> Result<bool> {
+        let table = self.table.load_full();
+        ctx.client_ip = session
+            .client_addr()
+            .and_then(|address| address.as_inet())
+            .map(|address| address.ip().to_canonical());
+
+        let authorization = RawAuthorization::read(session);
+        let target = session.req_header().raw_path();
+        let path = target.split(|&b| b == b'?').next().unwrap_or_default();
+        let facts = RequestFacts {
+            client_ip: ctx.client_ip,
+            path,
+            authorization: authorization.as_facts(),
+            now: unix_now(),
+        };
+        let decision = decide(&table, &facts);
+        ctx.table = Some(table);
+
+        match decision {
+            Decision::Allow(grant) => {
+                ctx.outcome = Outcome::Allowed(grant);
+                Ok(false)
+            }
+            Decision::Deny(denial) => {
+                ctx.outcome = Outcome::Rejected(denial);
+                respond::reject(session, &reply_for(denial), &ctx.request_id).await?;
+                Ok(true)
+            }
+        }
+    }
+
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        _ctx: &mut RequestContext,
+    ) -> Result<Box<HttpPeer>> {
+        let upstream = &self.upstream;
+        let mut peer = HttpPeer::new(upstream.address, upstream.tls, upstream.sni.clone());
+        peer.options.connection_timeout = Some(upstream.connect_timeout);
+        peer.options.total_connection_timeout = Some(upstream.connect_timeout);
+        peer.options.read_timeout = Some(upstream.read_timeout);
+        peer.options.write_timeout = Some(upstream.read_timeout);
+        Ok(Box::new(peer))
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        _session: &mut Session,
+        request: &mut RequestHeader,
+        ctx: &mut RequestContext,
+    ) -> Result<()> {
+        let (Outcome::Allowed(grant), Some(table)) = (ctx.outcome, ctx.table.as_ref()) else {
+            // INVARIANT: request_filter forwards only allowed requests.
+            return Error::e_explain(
+                ErrorType::InternalError,
+                "request forwarded without a grant",
+            );
+        };
+        let campaign = table.campaign(grant.campaign);
+        let key = &campaign.keys[usize::from(grant.key)];
+        headers::strip_reserved(request);
+        request.insert_header("X-Keygate-Campaign", &*campaign.id)?;
+        request.insert_header("X-Keygate-Key-Id", &*key.id)?;
+        request.insert_header("X-Request-Id", &ctx.request_id)?;
+        let client_ip = ctx.client_ip.map(|ip| ip.to_string()).unwrap_or_default();
+        request.insert_header("X-Forwarded-For", client_ip)?;
+        Ok(())
+    }
+
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        _peer: &HttpPeer,
+        _ctx: &mut RequestContext,
+        mut error: Box<Error>,
+    ) -> Box<Error> {
+        // Fail fast: a request is never queued or tried again.
+        error.set_retry(false);
+        error
+    }
+
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        _session: &mut Session,
+        error: Box<Error>,
+        _ctx: &mut RequestContext,
+        _client_reused: bool,
+    ) -> Box<Error> {
+        // The request may already have reached the upstream, and sending it twice could
+        // send an SMS twice, so it is never retried.
+        let mut error = error.more_context(format!("Peer: {peer}"));
+        error.set_retry(false);
+        error
+    }
+
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        error: &Error,
+        ctx: &mut RequestContext,
+    ) -> FailToProxy {
+        let reply = failure_reply(error);
+        if let Some(reply) = reply {
+            if matches!(error.esource(), ErrorSource::Upstream) {
+                ctx.outcome = Outcome::UpstreamError(reply.code);
+            }
+            if session.response_written().is_none() {
+                if let Err(write_error) = respond::fail(session, &reply, &ctx.request_id).await {
+                    tracing::debug!(error = %write_error, "failed to send the error response");
+                }
+            }
+        }
+        FailToProxy {
+            error_code: reply.map_or(0, |reply| reply.status),
+            can_reuse_downstream: false,
+        }
+    }
+
+    async fn logging(
+        &self,
+        session: &mut Session,
+        error: Option<&Error>,
+        ctx: &mut RequestContext,
+    ) {
+        if let Some(error) = error {
+            if matches!(error.esource(), ErrorSource::Upstream) {
+                tracing::warn!(request.id = %ctx.request_id, error = %error, "upstream request failed");
+            }
+        }
+        let status = session.response_written().map_or(0, |r| r.status.as_u16());
+        let (campaign, key) = match (ctx.outcome, ctx.table.as_ref()) {
+            (Outcome::Allowed(grant), Some(table)) => {
+                let campaign = table.campaign(grant.campaign);
+                (
+                    Some(&*campaign.id),
+                    Some(&*campaign.keys[usize::from(grant.key)].id),
+                )
+            }
+            _ => (None, None),
+        };
+        let code = match ctx.outcome {
+            Outcome::Rejected(denial) => denial.code(),
+            Outcome::UpstreamError(code) => code,
+            Outcome::Pending | Outcome::Allowed(_) => "",
+        };
+        let target = session.req_header().raw_path();
+        let path = target.split(|&b| b == b'?').next().unwrap_or_default();
+        tracing::info!(
+            request.id = %ctx.request_id,
+            client.ip = %ctx.client_ip.map(|ip| ip.to_string()).unwrap_or_default(),
+            method = %session.req_header().method,
+            path = %String::from_utf8_lossy(path),
+            status,
+            code,
+            campaign.id = campaign.unwrap_or(""),
+            key.id = key.unwrap_or(""),
+            duration_ms = ctx.started.elapsed().as_secs_f64() * 1000.0,
+            bytes.received = session.body_bytes_read(),
+            bytes.sent = session.body_bytes_sent(),
+            "request",
+        );
+    }
+}
+
+/// Returns the error response for a denial.
+pub fn reply_for(denial: Denial) -> ErrorReply {
+    let challenge = match denial {
+        Denial::MissingKey => Some("Bearer"),
+        Denial::InvalidKey => Some("Bearer error=\"invalid_token\""),
+        _ => None,
+    };
+    ErrorReply {
+        status: denial.status(),
+        code: denial.code(),
+        error_type: denial.error_type(),
+        message: denial.message(),
+        challenge,
+    }
+}
+
+/// Maps a proxying error to the response the client gets, or `None` when the client
+/// connection is already gone.
+fn failure_reply(error: &Error) -> Option<ErrorReply> {
+    use ErrorType::*;
+    let reply = |status, code, error_type, message| ErrorReply {
+        status,
+        code,
+        error_type,
+        message,
+        challenge: None,
+    };
+    match (error.esource(), error.etype()) {
+        (ErrorSource::Upstream, ConnectTimedout | ReadTimedout | WriteTimedout | TLSHandshakeTimedout) => Some(reply(
+            504,
+            "upstream_timeout",
+            "api_error",
+            "The upstream API did not answer in time. The request may have been processed; check before sending it again.",
+        )),
+        (ErrorSource::Upstream, _) => Some(reply(
+            502,
+            "upstream_unavailable",
+            "api_error",
+            "The upstream API is unavailable.",
+        )),
+        (ErrorSource::Downstream, ReadError | WriteError | ConnectionClosed) => None,
+        (ErrorSource::Downstream, ReadTimedout) => Some(reply(
+            408,
+            "request_timeout",
+            "invalid_request_error",
+            "The request was not received in time.",
+        )),
+        (ErrorSource::Downstream, _) => Some(reply(
+            400,
+            "parameter_invalid",
+            "invalid_request_error",
+            "The request is not valid HTTP.",
+        )),
+        _ => Some(reply(500, "internal_error", "api_error", "keygate failed to process the request.")),
+    }
+}
+
+/// Generates a request id: `req_` and 32 random hexadecimal digits.
+fn new_request_id() -> String {
+    format!("req_{:032x}", rand::random::<u128>())
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_secs() as i64)
+}

@@ -1,0 +1,122 @@
+//! Error responses that keygate writes itself, in the JSON shape the messaging API's
+//! clients already parse: `{"error":{"code","message","type","id"}}`.
+
+use bytes::Bytes;
+use http::header;
+use pingora::http::ResponseHeader;
+use pingora::proxy::Session;
+use pingora::Result;
+
+/// The most body bytes keygate reads and discards after a rejection to keep the
+/// connection alive; a longer or unsized body closes the connection instead.
+pub const MAX_DRAIN_BYTES: u64 = 64 * 1024;
+
+/// An error response: status, code, type and message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ErrorReply {
+    pub status: u16,
+    pub code: &'static str,
+    pub error_type: &'static str,
+    pub message: &'static str,
+    /// The `WWW-Authenticate` challenge, for 401 responses.
+    pub challenge: Option<&'static str>,
+}
+
+/// Renders the JSON body of an error response.
+pub fn error_body(reply: &ErrorReply, request_id: &str) -> Bytes {
+    let body = serde_json::json!({
+        "error": {
+            "code": reply.code,
+            "message": reply.message,
+            "type": reply.error_type,
+            "id": request_id,
+        }
+    });
+    Bytes::from(body.to_string())
+}
+
+/// Builds the response header of an error response.
+fn error_header(reply: &ErrorReply, request_id: &str, body_len: usize) -> Result<ResponseHeader> {
+    let mut response = ResponseHeader::build(reply.status, Some(5))?;
+    response.insert_header(header::CONTENT_TYPE, "application/json")?;
+    response.insert_header(header::CONTENT_LENGTH, body_len.to_string())?;
+    response.insert_header("X-Request-Id", request_id)?;
+    if let Some(challenge) = reply.challenge {
+        response.insert_header(header::WWW_AUTHENTICATE, challenge)?;
+    }
+    Ok(response)
+}
+
+/// Answers a request that will not go upstream.
+///
+/// A small request body is read and discarded first, so the client can reuse the
+/// connection; a body over `MAX_DRAIN_BYTES`, or one without a length, closes it.
+pub async fn reject(session: &mut Session, reply: &ErrorReply, request_id: &str) -> Result<()> {
+    if should_drain(session) {
+        if session.drain_request_body().await.is_err() {
+            session.set_keepalive(None);
+        }
+    } else {
+        session.set_keepalive(None);
+    }
+    write(session, reply, request_id).await
+}
+
+/// Answers a request that failed on its way upstream, before any response was sent, and
+/// closes the connection.
+pub async fn fail(session: &mut Session, reply: &ErrorReply, request_id: &str) -> Result<()> {
+    session.set_keepalive(None);
+    write(session, reply, request_id).await
+}
+
+async fn write(session: &mut Session, reply: &ErrorReply, request_id: &str) -> Result<()> {
+    let body = error_body(reply, request_id);
+    let response = error_header(reply, request_id, body.len())?;
+    session
+        .write_response_header(Box::new(response), false)
+        .await?;
+    session.write_response_body(Some(body), true).await?;
+    Ok(())
+}
+
+/// Returns whether the unread request body is small enough to drain.
+fn should_drain(session: &Session) -> bool {
+    let headers = &session.req_header().headers;
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        return false;
+    }
+    match headers.get(header::CONTENT_LENGTH) {
+        None => true,
+        Some(value) => value
+            .to_str()
+            .ok()
+            .and_then(|text| text.parse::<u64>().ok())
+            .is_some_and(|length| length <= MAX_DRAIN_BYTES),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_body_shape() {
+        let reply = ErrorReply {
+            status: 401,
+            code: "invalid_api_key_provided",
+            error_type: "authentication_error",
+            message: "The key is \"bad\".",
+            challenge: None,
+        };
+        let body: serde_json::Value = serde_json::from_slice(&error_body(&reply, "req_1")).unwrap();
+        assert_eq!(
+            body,
+            serde_json::json!({"error": {
+                "code": "invalid_api_key_provided",
+                "message": "The key is \"bad\".",
+                "type": "authentication_error",
+                "id": "req_1",
+            }})
+        );
+    }
+}

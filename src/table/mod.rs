@@ -1,0 +1,116 @@
+//! The immutable table that every decision reads: campaigns, their allowlists, key
+//! digests and routes. A table is built once by the config module and then shared
+//! read-only through an `ArcSwap`; a reload builds a new one and swaps it in whole.
+
+mod decide;
+mod ipset;
+pub mod key;
+pub mod path;
+
+use std::collections::HashMap;
+
+pub use decide::{decide, Authorization, Decision, Denial, Grant, RequestFacts};
+pub use ipset::IpSet;
+pub use key::{Environment, KeyHash};
+pub use path::Route;
+
+use key::BuildDigestHasher;
+
+/// The most keys one campaign may hold: enough to rotate a key with no downtime.
+pub const MAX_KEYS_PER_CAMPAIGN: usize = 3;
+
+/// A validated campaign.
+#[derive(Debug)]
+pub struct Campaign {
+    pub id: Box<str>,
+    pub networks: IpSet,
+    pub keys: Vec<KeyInfo>,
+}
+
+/// What the table stores of a key: its id, digest and expiry. Never the key itself.
+#[derive(Debug, Clone)]
+pub struct KeyInfo {
+    pub id: Box<str>,
+    pub hash: KeyHash,
+    /// Unix time in seconds after which the key is rejected.
+    pub expires_at: Option<i64>,
+}
+
+/// Where a key sits: its campaign's index in the table and its index in the campaign.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeySlot {
+    pub campaign: u32,
+    pub key: u8,
+}
+
+/// The access table: everything a decision needs, and nothing that changes while it is
+/// in use.
+#[derive(Debug)]
+pub struct Table {
+    environment: Environment,
+    routes: Vec<Route>,
+    campaigns: Vec<Campaign>,
+    keys: HashMap<KeyHash, KeySlot, BuildDigestHasher>,
+    /// Every network of every campaign, for the first allowlist check.
+    callers: IpSet,
+}
+
+impl Table {
+    /// Builds a table from parts that the config module has already validated.
+    ///
+    /// INVARIANT: campaign ids and key digests are unique, and no campaign holds more
+    /// than `MAX_KEYS_PER_CAMPAIGN` keys.
+    pub fn new(environment: Environment, routes: Vec<Route>, campaigns: Vec<Campaign>) -> Self {
+        let mut keys = HashMap::with_capacity_and_hasher(
+            campaigns.iter().map(|c| c.keys.len()).sum(),
+            BuildDigestHasher::default(),
+        );
+        for (campaign_index, campaign) in campaigns.iter().enumerate() {
+            debug_assert!(campaign.keys.len() <= MAX_KEYS_PER_CAMPAIGN);
+            for (key_index, key) in campaign.keys.iter().enumerate() {
+                let slot = KeySlot {
+                    campaign: u32::try_from(campaign_index).expect("fewer than 2^32 campaigns"),
+                    key: u8::try_from(key_index).expect("at most 3 keys per campaign"),
+                };
+                let previous = keys.insert(key.hash, slot);
+                debug_assert!(previous.is_none(), "duplicate key digest");
+            }
+        }
+        let callers = IpSet::union(campaigns.iter().map(|c| &c.networks));
+        Self {
+            environment,
+            routes,
+            campaigns,
+            keys,
+            callers,
+        }
+    }
+
+    pub fn environment(&self) -> Environment {
+        self.environment
+    }
+
+    pub fn routes(&self) -> &[Route] {
+        &self.routes
+    }
+
+    pub fn campaigns(&self) -> &[Campaign] {
+        &self.campaigns
+    }
+
+    /// Returns the campaign at `index`, as found in a `KeySlot` or `Grant`.
+    pub fn campaign(&self, index: u32) -> &Campaign {
+        &self.campaigns[index as usize]
+    }
+
+    /// Returns the number of keys across all campaigns.
+    pub fn key_count(&self) -> usize {
+        self.keys.len()
+    }
+
+    fn find_key(&self, hash: &KeyHash) -> Option<(KeySlot, &KeyInfo)> {
+        let slot = *self.keys.get(hash)?;
+        let info = &self.campaign(slot.campaign).keys[usize::from(slot.key)];
+        Some((slot, info))
+    }
+}
