@@ -1,8 +1,8 @@
 //! keygate: a reverse proxy that lets a request through only when its bearer key, its
 //! client address and the campaign in its path agree with an access table.
 //!
-//! The decision (`table::decide`) is a pure function over an immutable `Table`; the
-//! Pingora glue in `proxy` reads the request, calls it and writes the answer.
+//! The decision (`table::decide`) is a pure function over an immutable `Table`. The
+//! Pingora glue in `proxy` reads the request, calls it and writes the response.
 
 #![forbid(unsafe_code)]
 
@@ -10,3 +10,10 @@ pub mod config;
 pub mod logging;
 pub mod proxy;
 pub mod table;
+
+/// Returns the current time in Unix seconds, the unit of key expiry times.
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_secs() as i64)
+}

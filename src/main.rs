@@ -78,7 +78,7 @@ enum EnvArg {
     Test,
 }
 
-/// Why the command failed.
+/// The reason a command failed.
 #[derive(Debug, thiserror::Error)]
 enum AppError {
     #[error("{0}")]
@@ -196,7 +196,7 @@ fn resolve(upstream: &Upstream) -> Result<UpstreamPeer, AppError> {
 
 fn check(path: &Path) -> Result<(), AppError> {
     let loaded = config::load(path)?;
-    print!("{}", summary(path, &loaded.table, unix_now()));
+    print!("{}", summary(path, &loaded.table, keygate::unix_now()));
     Ok(())
 }
 
@@ -281,10 +281,4 @@ fn hash_key() -> Result<(), AppError> {
     }
     println!("{}", KeyHash::of(key).to_hex());
     Ok(())
-}
-
-fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |elapsed| elapsed.as_secs() as i64)
 }

@@ -6,7 +6,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use ipnet::IpNet;
 
 /// Parses an allowlist entry: an IPv4 or IPv6 address, or a network in CIDR notation
-/// with no host bits set. Returns a message that says what is wrong and how to fix it.
+/// with no host bits set. The error message states what is wrong and how to fix it.
 pub fn parse_network(text: &str) -> Result<IpNet, String> {
     if text.chars().any(char::is_whitespace) {
         return Err("whitespace is not allowed in an address; remove it".into());

@@ -50,7 +50,7 @@ impl fmt::Display for ConfigErrors {
     }
 }
 
-/// Why a configuration file could not be loaded.
+/// The reason a configuration file could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
     #[error("failed to read config file {path}: {source}")]
@@ -76,7 +76,7 @@ impl<'a> Source<'a> {
         Self { path, line_starts }
     }
 
-    /// Returns the 1-based line that holds the byte at `offset`.
+    /// Returns the 1-based line that contains the byte at `offset`.
     pub fn line(&self, offset: usize) -> usize {
         self.line_starts.partition_point(|&start| start <= offset)
     }
@@ -96,7 +96,7 @@ impl<'s> Report<'s> {
         }
     }
 
-    /// Returns the 1-based line that holds the byte at `offset`.
+    /// Returns the 1-based line that contains the byte at `offset`.
     pub fn line(&self, offset: usize) -> usize {
         self.source.line(offset)
     }

@@ -64,7 +64,7 @@ fn errors_after(from: &str, to: &str) -> Vec<ConfigError> {
 }
 
 #[test]
-fn each_invalid_value_is_reported_with_line_and_field() {
+fn invalid_values_report_line_and_field() {
     let cases: &[(&str, &str, usize, &str, &str)] = &[
         (
             "environment = \"test\"",

@@ -1,4 +1,4 @@
-//! The Pingora glue: reads each request, asks the decision, and either answers the
+//! The Pingora glue: reads each request, calls the decision, and either sends the
 //! rejection itself or forwards the request with keygate's identity headers.
 //!
 //! Each request loads the table once, in `request_filter`, and keeps that snapshot in its
@@ -9,7 +9,7 @@ mod respond;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
@@ -23,7 +23,7 @@ pub use headers::is_reserved;
 use headers::RawAuthorization;
 pub use respond::{error_body, ErrorReply, MAX_DRAIN_BYTES};
 
-/// Where allowed requests go, resolved at start.
+/// The upstream that allowed requests go to, resolved at start.
 #[derive(Debug, Clone)]
 pub struct UpstreamPeer {
     pub address: SocketAddr,
@@ -45,7 +45,7 @@ impl Keygate {
     }
 }
 
-/// What happened to a request, for the access log.
+/// The outcome of a request, for the access log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
     /// The request was read, but no decision was made yet.
@@ -97,7 +97,7 @@ impl ProxyHttp for Keygate {
             client_ip: ctx.client_ip,
             path,
             authorization: authorization.as_facts(),
-            now: unix_now(),
+            now: crate::unix_now(),
         };
         let decision = decide(&table, &facts);
         ctx.table = Some(table);
@@ -309,10 +309,4 @@ fn failure_reply(error: &Error) -> Option<ErrorReply> {
 /// Generates a request id: `req_` and 32 random hexadecimal digits.
 fn new_request_id() -> String {
     format!("req_{:032x}", rand::random::<u128>())
-}
-
-fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |elapsed| elapsed.as_secs() as i64)
 }

@@ -7,8 +7,8 @@ use pingora::http::ResponseHeader;
 use pingora::proxy::Session;
 use pingora::Result;
 
-/// The most body bytes keygate reads and discards after a rejection to keep the
-/// connection alive; a longer or unsized body closes the connection instead.
+/// The maximum number of body bytes that keygate reads and discards after a rejection to
+/// keep the connection alive. A longer or unsized body closes the connection instead.
 pub const MAX_DRAIN_BYTES: u64 = 64 * 1024;
 
 /// An error response: status, code, type and message.
@@ -47,10 +47,10 @@ fn error_header(reply: &ErrorReply, request_id: &str, body_len: usize) -> Result
     Ok(response)
 }
 
-/// Answers a request that will not go upstream.
+/// Sends the error response for a request that will not go upstream.
 ///
 /// A small request body is read and discarded first, so the client can reuse the
-/// connection; a body over `MAX_DRAIN_BYTES`, or one without a length, closes it.
+/// connection. A body over `MAX_DRAIN_BYTES`, or one without a length, closes it.
 pub async fn reject(session: &mut Session, reply: &ErrorReply, request_id: &str) -> Result<()> {
     if should_drain(session) {
         if session.drain_request_body().await.is_err() {
@@ -62,7 +62,7 @@ pub async fn reject(session: &mut Session, reply: &ErrorReply, request_id: &str)
     write(session, reply, request_id).await
 }
 
-/// Answers a request that failed on its way upstream, before any response was sent, and
+/// Sends the error response for a request that failed on its way upstream, before any response was sent, and
 /// closes the connection.
 pub async fn fail(session: &mut Session, reply: &ErrorReply, request_id: &str) -> Result<()> {
     session.set_keepalive(None);

@@ -53,7 +53,7 @@ impl IpSet {
         }
     }
 
-    /// Returns whether the set holds no network at all.
+    /// Returns whether the set contains no network at all.
     pub fn is_empty(&self) -> bool {
         self.v4.is_empty() && self.v6.is_empty()
     }

@@ -1,6 +1,6 @@
 //! API keys: their environments, their SHA-256 digests and the generation of new keys.
 //!
-//! keygate never stores a key. The table holds digests only, and a presented token is
+//! keygate never stores a key. The table stores digests only, and a presented token is
 //! looked up by its digest, so no comparison ever runs over the secret bytes.
 
 use std::fmt;
@@ -19,7 +19,7 @@ pub enum Environment {
 }
 
 impl Environment {
-    /// The prefix every key of this environment starts with.
+    /// Returns the prefix that every key of this environment starts with.
     pub fn key_prefix(self) -> &'static str {
         match self {
             Environment::Live => "key_live_",
@@ -27,7 +27,7 @@ impl Environment {
         }
     }
 
-    /// The environment's name as written in the configuration file.
+    /// Returns the environment's name as written in the configuration file.
     pub fn as_str(self) -> &'static str {
         match self {
             Environment::Live => "live",
@@ -97,7 +97,7 @@ impl Hasher for DigestHasher {
     }
 
     fn write(&mut self, bytes: &[u8]) {
-        // `[u8; 32]` hashes as its bytes; any other input folds in eight bytes at a time.
+        // A `[u8; 32]` hashes as its bytes, and any input folds in eight bytes at a time.
         for chunk in bytes.chunks(8) {
             let mut word = [0u8; 8];
             word[..chunk.len()].copy_from_slice(chunk);

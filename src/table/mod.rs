@@ -1,6 +1,6 @@
 //! The immutable table that every decision reads: campaigns, their allowlists, key
-//! digests and routes. A table is built once by the config module and then shared
-//! read-only through an `ArcSwap`; a reload builds a new one and swaps it in whole.
+//! digests and routes. The config module builds a table once, and it is then shared
+//! read-only through an `ArcSwap`. A reload builds a new table and swaps it in whole.
 
 mod decide;
 mod ipset;
@@ -16,7 +16,7 @@ pub use path::Route;
 
 use key::BuildDigestHasher;
 
-/// The most keys one campaign may hold: enough to rotate a key with no downtime.
+/// The maximum number of keys per campaign: enough to rotate a key with no downtime.
 pub const MAX_KEYS_PER_CAMPAIGN: usize = 3;
 
 /// A validated campaign.
@@ -27,7 +27,7 @@ pub struct Campaign {
     pub keys: Vec<KeyInfo>,
 }
 
-/// What the table stores of a key: its id, digest and expiry. Never the key itself.
+/// The stored facts of a key: its id, digest and expiry, never the key itself.
 #[derive(Debug, Clone)]
 pub struct KeyInfo {
     pub id: Box<str>,
@@ -36,7 +36,7 @@ pub struct KeyInfo {
     pub expires_at: Option<i64>,
 }
 
-/// Where a key sits: its campaign's index in the table and its index in the campaign.
+/// The position of a key: its campaign's index in the table and its index in the campaign.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KeySlot {
     pub campaign: u32,
@@ -58,7 +58,7 @@ pub struct Table {
 impl Table {
     /// Builds a table from parts that the config module has already validated.
     ///
-    /// INVARIANT: campaign ids and key digests are unique, and no campaign holds more
+    /// INVARIANT: campaign ids and key digests are unique, and no campaign has more
     /// than `MAX_KEYS_PER_CAMPAIGN` keys.
     pub fn new(environment: Environment, routes: Vec<Route>, campaigns: Vec<Campaign>) -> Self {
         let mut keys = HashMap::with_capacity_and_hasher(

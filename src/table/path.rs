@@ -26,7 +26,7 @@ impl Route {
         if prefix.contains('{') || prefix.contains('}') {
             return Err("a route must contain exactly one {campaign} and no other braces");
         }
-        let plain = prefix == "/" || check_path(prefix[..prefix.len() - 1].as_bytes()).is_ok();
+        let plain = prefix == "/" || check_path(&prefix.as_bytes()[..prefix.len() - 1]).is_ok();
         if !plain || prefix.contains('%') {
             return Err("the prefix must be a plain path: no empty or dot segments, %, ; or \\");
         }
@@ -45,13 +45,13 @@ impl Route {
         (!segment.is_empty()).then_some(segment)
     }
 
-    /// The literal prefix before the campaign segment.
+    /// Returns the literal prefix before the campaign segment.
     pub fn prefix(&self) -> &str {
         &self.prefix
     }
 }
 
-/// Why a path was rejected before routing.
+/// The reason a path was rejected before routing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PathError {
     NotOriginForm,
@@ -65,9 +65,10 @@ pub enum PathError {
 
 /// Checks the path part of a request target (everything before `?`).
 ///
-/// Rejected: a target not starting with `/`; bytes outside visible ASCII, `;` and `\`;
-/// `%` not followed by two hex digits; encoded `/`, `\` or control characters; empty
-/// segments (including a trailing `/`); `.` and `..` segments, encoded or not.
+/// The check rejects a target that does not start with `/`, bytes outside visible ASCII,
+/// `;` and `\`, and `%` not followed by two hex digits. It also rejects encoded `/`, `\`
+/// and control characters, empty segments (a trailing `/` too) and `.` or `..` segments,
+/// encoded or not.
 pub fn check_path(path: &[u8]) -> Result<(), PathError> {
     let Some(rest) = path.strip_prefix(b"/") else {
         return Err(PathError::NotOriginForm);
