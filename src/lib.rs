@@ -9,6 +9,7 @@
 pub mod config;
 pub mod logging;
 pub mod proxy;
+pub mod reload;
 pub mod table;
 
 /// Returns the current time in Unix seconds, the unit of key expiry times.

@@ -16,6 +16,7 @@ use pingora::server::configuration::ServerConf;
 
 use keygate::config::{self, LoadError, Upstream};
 use keygate::proxy::{Keygate, UpstreamPeer};
+use keygate::reload::Reloader;
 use keygate::table::{key, Environment, KeyHash, Table};
 
 /// Exit code for an invalid or unreadable configuration file (EX_USAGE).
@@ -137,8 +138,8 @@ fn main() -> ExitCode {
 }
 
 fn run(path: &Path) -> Result<(), AppError> {
-    keygate::logging::init();
     let loaded = config::load(path)?;
+    keygate::logging::init(loaded.settings.log.format);
     let upstream = resolve(&loaded.settings.upstream)?;
     for &address in &loaded.settings.listen.proxy {
         // Pingora retries a busy address for 30 s and then stops only that service, so
@@ -154,13 +155,22 @@ fn run(path: &Path) -> Result<(), AppError> {
     );
 
     let table = Arc::new(ArcSwap::from_pointee(loaded.table));
+    let reloader = Reloader::new(
+        path.to_path_buf(),
+        loaded.sha256,
+        Arc::clone(&table),
+        loaded.settings.clone(),
+    );
     let server_conf = ServerConf {
         threads: 1,
         ..ServerConf::default()
     };
     let mut server = Server::new_with_opt_and_conf(None, server_conf);
     server.bootstrap();
-    let mut proxy = http_proxy_service(&server.configuration, Keygate::new(table, upstream));
+    let mut proxy = http_proxy_service(
+        &server.configuration,
+        Keygate::new(table, upstream, loaded.settings.log.access),
+    );
     for address in &loaded.settings.listen.proxy {
         let mut options = TcpSocketOptions::default();
         if address.is_ipv6() && address.ip().is_unspecified() {
@@ -171,6 +181,7 @@ fn run(path: &Path) -> Result<(), AppError> {
         tracing::info!(listen.address = %address, "proxy listener configured");
     }
     server.add_service(proxy);
+    server.add_service(background_service("config reload", reloader));
     server.run_forever()
 }
 

@@ -11,6 +11,10 @@ pub struct FileConfig {
     pub listen: Spanned<ListenSection>,
     pub upstream: Spanned<UpstreamSection>,
     pub routes: Spanned<RoutesSection>,
+    pub shutdown: Option<ShutdownSection>,
+    pub log: Option<LogSection>,
+    pub metrics: Option<MetricsSection>,
+    pub reload: Option<ReloadSection>,
     #[serde(default)]
     pub campaigns: Vec<Spanned<CampaignSection>>,
 }
@@ -37,6 +41,32 @@ pub struct UpstreamSection {
 #[serde(deny_unknown_fields)]
 pub struct RoutesSection {
     pub campaign_paths: Spanned<Vec<Spanned<String>>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShutdownSection {
+    pub drain_delay_seconds: Option<Spanned<i64>>,
+    pub grace_period_seconds: Option<Spanned<i64>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSection {
+    pub format: Option<Spanned<String>>,
+    pub access: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsSection {
+    pub per_campaign: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReloadSection {
+    pub interval_seconds: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -73,8 +103,19 @@ pub(super) mod schema {
         ("listen", Child::Table(LISTEN)),
         ("upstream", Child::Table(UPSTREAM)),
         ("routes", Child::Table(ROUTES)),
+        ("shutdown", Child::Table(SHUTDOWN)),
+        ("log", Child::Table(LOG)),
+        ("metrics", Child::Table(METRICS)),
+        ("reload", Child::Table(RELOAD)),
         ("campaigns", Child::ArrayOfTables(CAMPAIGN)),
     ];
+    const SHUTDOWN: &[(&str, Child)] = &[
+        ("drain_delay_seconds", Child::Value),
+        ("grace_period_seconds", Child::Value),
+    ];
+    const LOG: &[(&str, Child)] = &[("format", Child::Value), ("access", Child::Value)];
+    const METRICS: &[(&str, Child)] = &[("per_campaign", Child::Value)];
+    const RELOAD: &[(&str, Child)] = &[("interval_seconds", Child::Value)];
     const LISTEN: &[(&str, Child)] = &[("proxy", Child::Value), ("admin", Child::Value)];
     const UPSTREAM: &[(&str, Child)] = &[
         ("address", Child::Value),

@@ -14,6 +14,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use serde::Deserialize;
+use sha2::{Digest, Sha256};
 
 pub use error::{ConfigError, ConfigErrors, LoadError};
 
@@ -26,6 +27,8 @@ use file::schema::{self, Child};
 pub struct Config {
     pub table: Table,
     pub settings: Settings,
+    /// The SHA-256 of the file text, which identifies the version in reload logs.
+    pub sha256: [u8; 32],
 }
 
 /// Settings that take effect at start; a reload reports changes to them as needing a
@@ -34,6 +37,10 @@ pub struct Config {
 pub struct Settings {
     pub listen: Listen,
     pub upstream: Upstream,
+    pub shutdown: Shutdown,
+    pub log: Log,
+    pub metrics: Metrics,
+    pub reload: Reload,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,6 +58,44 @@ pub struct Upstream {
     pub sni: String,
     pub connect_timeout: Duration,
     pub read_timeout: Duration,
+}
+
+/// What keygate does after SIGTERM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Shutdown {
+    /// How long `/readyz` answers 503 while the listeners still accept connections.
+    pub drain_delay: Duration,
+    /// How long in-flight requests may take once the listeners are closed.
+    pub grace_period: Duration,
+}
+
+/// The log output settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Log {
+    pub format: LogFormat,
+    /// Whether a line is written for every request.
+    pub access: bool,
+}
+
+/// The format of log lines on stdout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Json,
+    Text,
+}
+
+/// The metrics settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Metrics {
+    /// Whether request counters carry a `campaign` label.
+    pub per_campaign: bool,
+}
+
+/// The reload settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reload {
+    /// How often the file is read again even when no change was seen.
+    pub interval: Duration,
 }
 
 /// Reads and validates the configuration file at `path`.
@@ -94,7 +139,11 @@ pub fn parse(path: &str, text: &str) -> Result<Config, ConfigErrors> {
             }
         };
     match validate::build(file, &mut report) {
-        Some((table, settings)) if report.errors.is_empty() => Ok(Config { table, settings }),
+        Some((table, settings)) if report.errors.is_empty() => Ok(Config {
+            table,
+            settings,
+            sha256: Sha256::digest(text.as_bytes()).into(),
+        }),
         _ => Err(ConfigErrors(report.errors)),
     }
 }

@@ -10,7 +10,8 @@ use toml::Spanned;
 use super::address::{is_any, parse_network};
 use super::error::Report;
 use super::file::{CampaignSection, FileConfig, KeySection, UpstreamSection};
-use super::{Listen, Settings, Upstream};
+use super::file::{LogSection, ReloadSection, ShutdownSection};
+use super::{Listen, Log, LogFormat, Metrics, Reload, Settings, Shutdown, Upstream};
 use crate::table::{
     Campaign, Environment, IpSet, KeyHash, KeyInfo, Route, Table, MAX_KEYS_PER_CAMPAIGN,
 };
@@ -26,6 +27,12 @@ pub(super) fn build(file: FileConfig, report: &mut Report<'_>) -> Option<(Table,
     let listen = listen(&file.listen, report);
     let upstream = upstream(&file.upstream, report);
     let routes = routes(&file.routes, report);
+    let shutdown = shutdown(file.shutdown.as_ref(), report);
+    let log = log(file.log.as_ref(), report);
+    let metrics = Metrics {
+        per_campaign: file.metrics.and_then(|m| m.per_campaign).unwrap_or(false),
+    };
+    let reload = reload(file.reload.as_ref(), report);
     let campaigns = campaigns(&file.campaigns, report);
 
     if !report.errors.is_empty() {
@@ -35,6 +42,10 @@ pub(super) fn build(file: FileConfig, report: &mut Report<'_>) -> Option<(Table,
     let settings = Settings {
         listen: listen?,
         upstream: upstream?,
+        shutdown: shutdown?,
+        log: log?,
+        metrics,
+        reload: reload?,
     };
     Some((table, settings))
 }
@@ -225,6 +236,92 @@ fn timeout(
         return None;
     }
     Some(Duration::from_millis(ms as u64))
+}
+
+const DEFAULT_DRAIN_DELAY_SECONDS: i64 = 5;
+const DEFAULT_GRACE_PERIOD_SECONDS: i64 = 30;
+const DEFAULT_RELOAD_INTERVAL_SECONDS: i64 = 30;
+const MAX_SECONDS: i64 = 86_400;
+
+fn shutdown(section: Option<&ShutdownSection>, report: &mut Report<'_>) -> Option<Shutdown> {
+    let drain_delay = seconds(
+        section.and_then(|s| s.drain_delay_seconds.as_ref()),
+        DEFAULT_DRAIN_DELAY_SECONDS,
+        0,
+        "shutdown.drain_delay_seconds",
+        report,
+    );
+    let grace_period = seconds(
+        section.and_then(|s| s.grace_period_seconds.as_ref()),
+        DEFAULT_GRACE_PERIOD_SECONDS,
+        1,
+        "shutdown.grace_period_seconds",
+        report,
+    );
+    Some(Shutdown {
+        drain_delay: drain_delay?,
+        grace_period: grace_period?,
+    })
+}
+
+fn reload(section: Option<&ReloadSection>, report: &mut Report<'_>) -> Option<Reload> {
+    let interval = seconds(
+        section.and_then(|s| s.interval_seconds.as_ref()),
+        DEFAULT_RELOAD_INTERVAL_SECONDS,
+        1,
+        "reload.interval_seconds",
+        report,
+    );
+    Some(Reload {
+        interval: interval?,
+    })
+}
+
+/// Reads a whole number of seconds between `min` and one day.
+fn seconds(
+    value: Option<&Spanned<i64>>,
+    default: i64,
+    min: i64,
+    field: &str,
+    report: &mut Report<'_>,
+) -> Option<Duration> {
+    let Some(value) = value else {
+        return Some(Duration::from_secs(default as u64));
+    };
+    let seconds = *value.get_ref();
+    if !(min..=MAX_SECONDS).contains(&seconds) {
+        report.error(
+            value.span(),
+            None,
+            field,
+            Some(&seconds.to_string()),
+            format!("must be between {min} and {MAX_SECONDS} seconds"),
+        );
+        return None;
+    }
+    Some(Duration::from_secs(seconds as u64))
+}
+
+fn log(section: Option<&LogSection>, report: &mut Report<'_>) -> Option<Log> {
+    let access = section.and_then(|s| s.access).unwrap_or(true);
+    let format = match section.and_then(|s| s.format.as_ref()) {
+        None => LogFormat::Json,
+        Some(value) => match value.get_ref().as_str() {
+            "json" => LogFormat::Json,
+            "text" => LogFormat::Text,
+            other => {
+                report.error(
+                    value.span(),
+                    None,
+                    "log.format",
+                    Some(other),
+                    "must be \"json\" or \"text\"",
+                );
+                return None;
+            }
+        },
+    };
+    Some(Log { format, access })
 }
 
 fn routes(section: &Spanned<super::file::RoutesSection>, report: &mut Report<'_>) -> Vec<Route> {

@@ -37,11 +37,17 @@ pub struct UpstreamPeer {
 pub struct Keygate {
     table: Arc<ArcSwap<Table>>,
     upstream: UpstreamPeer,
+    /// Whether a log line is written for every request.
+    access_log: bool,
 }
 
 impl Keygate {
-    pub fn new(table: Arc<ArcSwap<Table>>, upstream: UpstreamPeer) -> Self {
-        Self { table, upstream }
+    pub fn new(table: Arc<ArcSwap<Table>>, upstream: UpstreamPeer, access_log: bool) -> Self {
+        Self {
+            table,
+            upstream,
+            access_log,
+        }
     }
 }
 
@@ -213,6 +219,9 @@ impl ProxyHttp for Keygate {
             if matches!(error.esource(), ErrorSource::Upstream) {
                 tracing::warn!(request.id = %ctx.request_id, error = %error, "upstream request failed");
             }
+        }
+        if !self.access_log {
+            return;
         }
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let (campaign, key) = match (ctx.outcome, ctx.table.as_ref()) {

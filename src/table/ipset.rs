@@ -8,7 +8,7 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 
 /// An immutable set of IPv4 and IPv6 networks.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct IpSet {
     v4: Box<[(u32, u32)]>,
     v6: Box<[(u128, u128)]>,

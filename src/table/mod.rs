@@ -3,6 +3,7 @@
 //! read-only through an `ArcSwap`. A reload builds a new table and swaps it in whole.
 
 mod decide;
+mod diff;
 mod ipset;
 pub mod key;
 pub mod path;
@@ -10,6 +11,7 @@ pub mod path;
 use std::collections::HashMap;
 
 pub use decide::{decide, Authorization, Decision, Denial, Grant, RequestFacts};
+pub use diff::{NameList, TableDiff};
 pub use ipset::IpSet;
 pub use key::{Environment, KeyHash};
 pub use path::Route;
@@ -28,7 +30,7 @@ pub struct Campaign {
 }
 
 /// The stored facts of a key: its id, digest and expiry, never the key itself.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyInfo {
     pub id: Box<str>,
     pub hash: KeyHash,

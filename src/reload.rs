@@ -1,0 +1,400 @@
+//! Hot reload: watches the configuration file and swaps in a new table when the file
+//! changes, the way Kubernetes, editors and `cat >` replace it.
+//!
+//! The watch covers the directory of the configured path and, when the path is a
+//! symlink, the directory of its target, because a ConfigMap update renames a `..data`
+//! symlink rather than writing the file. Events are debounced, a timer re-reads the file
+//! as a backstop, and SIGHUP forces a reload. A file that cannot be read, parsed or
+//! validated changes nothing: the table in force keeps serving.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use notify::{EventKind, RecursiveMode, Watcher};
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
+
+use crate::config::{self, Settings};
+use crate::table::{NameList, Table, TableDiff};
+
+/// How long the file must stay quiet after an event before it is read.
+const DEBOUNCE: Duration = Duration::from_millis(150);
+/// The longest a burst of events can delay a read.
+const MAX_DEBOUNCE: Duration = Duration::from_secs(2);
+
+/// The state of reloads that other parts of keygate read: metrics and logs.
+#[derive(Debug, Default)]
+pub struct ReloadStatus {
+    generation: AtomicU64,
+}
+
+impl ReloadStatus {
+    /// Returns the generation of the table in force: 1 at start, +1 per applied reload.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Relaxed)
+    }
+}
+
+/// What started a reload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Trigger {
+    Watch,
+    Timer,
+    Signal,
+}
+
+impl Trigger {
+    fn as_str(self) -> &'static str {
+        match self {
+            Trigger::Watch => "watch",
+            Trigger::Timer => "timer",
+            Trigger::Signal => "signal",
+        }
+    }
+}
+
+/// The result of one reload attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReloadResult {
+    Applied,
+    Unchanged,
+    Rejected,
+}
+
+/// The background service that keeps the table in step with the file.
+pub struct Reloader {
+    path: PathBuf,
+    table: Arc<ArcSwap<Table>>,
+    startup: Settings,
+    status: Arc<ReloadStatus>,
+    /// The SHA-256 of the file behind the table in force.
+    applied: Mutex<[u8; 32]>,
+}
+
+impl Reloader {
+    /// Creates the service for the table loaded at start from a file with SHA-256 `digest`.
+    pub fn new(
+        path: PathBuf,
+        digest: [u8; 32],
+        table: Arc<ArcSwap<Table>>,
+        startup: Settings,
+    ) -> Self {
+        let status = Arc::new(ReloadStatus::default());
+        status.generation.store(1, Ordering::Relaxed);
+        Self {
+            path,
+            table,
+            startup,
+            status,
+            applied: Mutex::new(digest),
+        }
+    }
+
+    /// Returns the shared reload status.
+    pub fn status(&self) -> Arc<ReloadStatus> {
+        Arc::clone(&self.status)
+    }
+
+    /// Reads the file and swaps in its table if it changed and is valid. `force` applies
+    /// the file even when its content is the same as the table in force.
+    async fn reload(&self, trigger: Trigger) -> ReloadResult {
+        let path = self.path.clone();
+        let force = trigger == Trigger::Signal;
+        let applied = *self.applied.lock().unwrap_or_else(|e| e.into_inner());
+        let loaded =
+            tokio::task::spawn_blocking(move || read_new_version(&path, applied, force)).await;
+        let (digest, loaded) = match loaded {
+            Ok(Ok(Some(version))) => version,
+            Ok(Ok(None)) => return ReloadResult::Unchanged,
+            Ok(Err(problems)) => {
+                self.log_rejection(trigger, &problems);
+                return ReloadResult::Rejected;
+            }
+            Err(join_error) => {
+                tracing::error!(error = %join_error, "config reload task failed");
+                return ReloadResult::Rejected;
+            }
+        };
+        if loaded.settings != self.startup {
+            tracing::warn!(
+                config.path = %self.path.display(),
+                changed = %changed_settings(&self.startup, &loaded.settings),
+                "settings changed that take effect only after a restart; the table is reloaded and the rest is kept as it was",
+            );
+        }
+        let diff = TableDiff::between(&self.table.load(), &loaded.table);
+        self.table.store(Arc::new(loaded.table));
+        *self.applied.lock().unwrap_or_else(|e| e.into_inner()) = digest;
+        let generation = self.status.generation.fetch_add(1, Ordering::Relaxed) + 1;
+        tracing::info!(
+            config.path = %self.path.display(),
+            config.sha256 = %hex(&digest),
+            config.generation = generation,
+            reload.trigger = trigger.as_str(),
+            campaigns.added = %NameList(&diff.campaigns_added),
+            campaigns.removed = %NameList(&diff.campaigns_removed),
+            campaigns.changed = %NameList(&diff.campaigns_changed),
+            keys.added = %NameList(&diff.keys_added),
+            keys.removed = %NameList(&diff.keys_removed),
+            "configuration reloaded",
+        );
+        ReloadResult::Applied
+    }
+
+    fn log_rejection(&self, trigger: Trigger, problems: &[String]) {
+        for problem in problems {
+            tracing::warn!(config.path = %self.path.display(), error = %problem, "config file problem");
+        }
+        tracing::warn!(
+            config.path = %self.path.display(),
+            reload.trigger = trigger.as_str(),
+            config.generation = self.status.generation(),
+            errors = problems.len(),
+            "configuration rejected; the table in force keeps serving",
+        );
+    }
+
+    /// Starts watching the directories that a change of the file can show up in.
+    fn watch(&self, events: mpsc::UnboundedSender<()>) -> Option<Watch> {
+        let names = Arc::new(Mutex::new(relevant_names(&self.path)));
+        let handler_names = Arc::clone(&names);
+        let handler = move |result: notify::Result<notify::Event>| match result {
+            // Reading the file opens and closes it; those events are not changes.
+            Ok(event) if matches!(event.kind, EventKind::Access(_)) => {}
+            Ok(event) => {
+                let names = handler_names.lock().unwrap_or_else(|e| e.into_inner());
+                if event.paths.is_empty() || event.paths.iter().any(|p| is_relevant(p, &names)) {
+                    let _ = events.send(());
+                }
+            }
+            Err(error) => tracing::warn!(error = %error, "config file watch reported an error"),
+        };
+        match notify::recommended_watcher(handler) {
+            Ok(watcher) => {
+                let mut watch = Watch {
+                    watcher,
+                    directories: Vec::new(),
+                    names,
+                };
+                watch.refresh(&self.path);
+                Some(watch)
+            }
+            Err(error) => {
+                tracing::warn!(
+                    error = %error,
+                    interval_seconds = self.startup.reload.interval.as_secs(),
+                    "failed to watch the config file; it is re-read on the timer only",
+                );
+                None
+            }
+        }
+    }
+}
+
+/// Returns the file names whose changes can change what the config path reads: its own
+/// name and its resolved target's name. Names starting with `..` (the kubelet's
+/// `..data` and version directories) are always relevant.
+fn relevant_names(path: &Path) -> Vec<std::ffi::OsString> {
+    let mut names: Vec<std::ffi::OsString> = path
+        .file_name()
+        .into_iter()
+        .map(ToOwned::to_owned)
+        .collect();
+    if let Some(name) = std::fs::canonicalize(path)
+        .ok()
+        .and_then(|t| t.file_name().map(ToOwned::to_owned))
+    {
+        if !names.contains(&name) {
+            names.push(name);
+        }
+    }
+    names
+}
+
+/// Returns whether an event on `path` can change the configuration. Other files in the
+/// same directory, such as logs, are ignored so that they cannot delay a reload.
+fn is_relevant(path: &Path, names: &[std::ffi::OsString]) -> bool {
+    match path.file_name() {
+        Some(name) => name.as_encoded_bytes().starts_with(b"..") || names.iter().any(|n| n == name),
+        None => true,
+    }
+}
+
+#[async_trait]
+impl BackgroundService for Reloader {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let (sender, mut events) = mpsc::unbounded_channel();
+        let mut watch = self.watch(sender);
+        let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        {
+            Ok(stream) => Some(stream),
+            Err(error) => {
+                tracing::warn!(error = %error, "failed to handle SIGHUP; reload on signal is off");
+                None
+            }
+        };
+        let interval = self.startup.reload.interval;
+        let mut timer = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+        timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tracing::info!(
+            config.path = %self.path.display(),
+            interval_seconds = interval.as_secs(),
+            watching = watch.is_some(),
+            "config reload started",
+        );
+
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => break,
+                Some(()) = events.recv() => {
+                    debounce(&mut events).await;
+                    self.reload(Trigger::Watch).await;
+                    if let Some(watch) = watch.as_mut() {
+                        watch.refresh(&self.path);
+                    }
+                }
+                _ = timer.tick() => {
+                    self.reload(Trigger::Timer).await;
+                }
+                Some(()) = recv_signal(&mut hangup) => {
+                    tracing::info!("SIGHUP received; reloading the configuration");
+                    self.reload(Trigger::Signal).await;
+                }
+            }
+        }
+        tracing::info!("config reload stopped");
+    }
+}
+
+async fn recv_signal(signal: &mut Option<tokio::signal::unix::Signal>) -> Option<()> {
+    match signal {
+        Some(signal) => signal.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Waits until no event has arrived for `DEBOUNCE`, or `MAX_DEBOUNCE` has passed.
+async fn debounce(events: &mut mpsc::UnboundedReceiver<()>) {
+    let deadline = Instant::now() + MAX_DEBOUNCE;
+    while Instant::now() < deadline {
+        match tokio::time::timeout(DEBOUNCE, events.recv()).await {
+            Ok(Some(())) => continue,
+            Ok(None) | Err(_) => break,
+        }
+    }
+}
+
+/// The notify watcher, the directories it watches and the file names it reports.
+struct Watch {
+    watcher: notify::RecommendedWatcher,
+    directories: Vec<PathBuf>,
+    names: Arc<Mutex<Vec<std::ffi::OsString>>>,
+}
+
+impl Watch {
+    /// Watches the directory of `path` and of its resolved target, and stops watching
+    /// directories that no longer lead to the file (an old ConfigMap version).
+    fn refresh(&mut self, path: &Path) {
+        let mut wanted: Vec<PathBuf> = Vec::new();
+        let mut add = |file: &Path| {
+            let directory = match file.parent() {
+                Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
+                _ => PathBuf::from("."),
+            };
+            if !wanted.contains(&directory) {
+                wanted.push(directory);
+            }
+        };
+        add(path);
+        if let Ok(target) = std::fs::canonicalize(path) {
+            add(&target);
+        }
+        *self.names.lock().unwrap_or_else(|e| e.into_inner()) = relevant_names(path);
+        for directory in &self.directories {
+            if !wanted.contains(directory) {
+                let _ = self.watcher.unwatch(directory);
+            }
+        }
+        self.directories.retain(|d| wanted.contains(d));
+        for directory in wanted {
+            if self.directories.contains(&directory) {
+                continue;
+            }
+            match self.watcher.watch(&directory, RecursiveMode::NonRecursive) {
+                Ok(()) => self.directories.push(directory),
+                Err(error) => tracing::warn!(
+                    directory = %directory.display(),
+                    error = %error,
+                    "failed to watch a config directory; the timer still re-reads the file",
+                ),
+            }
+        }
+    }
+}
+
+/// Reads the file and, if its content differs from `applied` (or `force` is set),
+/// parses and validates it. Returns the new version, `None` when nothing changed, or
+/// every problem found.
+fn read_new_version(
+    path: &Path,
+    applied: [u8; 32],
+    force: bool,
+) -> Result<Option<([u8; 32], config::Config)>, Vec<String>> {
+    let bytes = std::fs::read(path)
+        .map_err(|error| vec![format!("failed to read {}: {error}", path.display())])?;
+    let digest: [u8; 32] = Sha256::digest(&bytes).into();
+    if digest == applied && !force {
+        return Ok(None);
+    }
+    let text = String::from_utf8(bytes)
+        .map_err(|_| vec![format!("{}: the file is not valid UTF-8", path.display())])?;
+    if text.trim().is_empty() {
+        return Err(vec![format!("{}: the file is empty", path.display())]);
+    }
+    let loaded = config::parse(&path.display().to_string(), &text)
+        .map_err(|errors| errors.0.iter().map(ToString::to_string).collect::<Vec<_>>())?;
+    // A writer may still be at work: apply the version only if the file still holds it.
+    let again = std::fs::read(path)
+        .map_err(|error| vec![format!("failed to read {}: {error}", path.display())])?;
+    if <[u8; 32]>::from(Sha256::digest(&again)) != digest {
+        return Err(vec![format!(
+            "{}: the file changed while it was read; the next change event reads it again",
+            path.display()
+        )]);
+    }
+    Ok(Some((digest, loaded)))
+}
+
+/// Names the settings that differ, for the restart warning.
+fn changed_settings(old: &Settings, new: &Settings) -> String {
+    let mut changed = Vec::new();
+    if old.listen != new.listen {
+        changed.push("listen");
+    }
+    if old.upstream != new.upstream {
+        changed.push("upstream");
+    }
+    if old.shutdown != new.shutdown {
+        changed.push("shutdown");
+    }
+    if old.log != new.log {
+        changed.push("log");
+    }
+    if old.metrics != new.metrics {
+        changed.push("metrics");
+    }
+    if old.reload != new.reload {
+        changed.push("reload");
+    }
+    changed.join(",")
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
