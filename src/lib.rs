@@ -6,8 +6,11 @@
 
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod config;
+pub mod lifecycle;
 pub mod logging;
+pub mod metrics;
 pub mod proxy;
 pub mod reload;
 pub mod table;

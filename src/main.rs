@@ -13,11 +13,21 @@ use clap::{Parser, Subcommand, ValueEnum};
 use pingora::listeners::TcpSocketOptions;
 use pingora::prelude::*;
 use pingora::server::configuration::ServerConf;
+use pingora::server::RunArgs;
+use pingora::services::listening::Service;
 
+use keygate::admin::Admin;
 use keygate::config::{self, LoadError, Upstream};
+use keygate::lifecycle::{Lifecycle, ShutdownSequence};
+use keygate::metrics::Metrics;
 use keygate::proxy::{Keygate, UpstreamPeer};
 use keygate::reload::Reloader;
 use keygate::table::{key, Environment, KeyHash, Table};
+
+/// mimalloc returns freed memory to the operating system, so the memory that parsing a
+/// large config file takes is given back after each load; glibc's allocator kept it.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// Exit code for an invalid or unreadable configuration file (EX_USAGE).
 const EXIT_BAD_CONFIG: u8 = 64;
@@ -141,7 +151,8 @@ fn run(path: &Path) -> Result<(), AppError> {
     let loaded = config::load(path)?;
     keygate::logging::init(loaded.settings.log.format);
     let upstream = resolve(&loaded.settings.upstream)?;
-    for &address in &loaded.settings.listen.proxy {
+    let listen = &loaded.settings.listen;
+    for &address in listen.proxy.iter().chain(&listen.admin) {
         // Pingora retries a busy address for 30 s and then stops only that service, so
         // a busy address is found here instead and the process exits.
         TcpListener::bind(address).map_err(|source| AppError::Bind { address, source })?;
@@ -154,24 +165,38 @@ fn run(path: &Path) -> Result<(), AppError> {
         "configuration loaded",
     );
 
+    let settings = loaded.settings;
     let table = Arc::new(ArcSwap::from_pointee(loaded.table));
+    let metrics = Arc::new(Metrics::new(settings.metrics.per_campaign));
+    let lifecycle = Lifecycle::new(settings.listen.proxy.clone());
     let reloader = Reloader::new(
         path.to_path_buf(),
         loaded.sha256,
         Arc::clone(&table),
-        loaded.settings.clone(),
+        Arc::clone(&metrics),
+        settings.clone(),
     );
+
     let server_conf = ServerConf {
         threads: 1,
+        // Requests in flight get the grace period after the listeners close; the
+        // shutdown sequence ends the process earlier once none is left.
+        grace_period_seconds: Some(settings.shutdown.grace_period.as_secs()),
+        graceful_shutdown_timeout_seconds: Some(1),
         ..ServerConf::default()
     };
     let mut server = Server::new_with_opt_and_conf(None, server_conf);
     server.bootstrap();
-    let mut proxy = http_proxy_service(
-        &server.configuration,
-        Keygate::new(table, upstream, loaded.settings.log.access),
-    );
-    for address in &loaded.settings.listen.proxy {
+
+    let keygate = Keygate {
+        table,
+        upstream,
+        metrics: Arc::clone(&metrics),
+        lifecycle: Arc::clone(&lifecycle),
+        access_log: settings.log.access,
+    };
+    let mut proxy = http_proxy_service(&server.configuration, keygate);
+    for address in &settings.listen.proxy {
         let mut options = TcpSocketOptions::default();
         if address.is_ipv6() && address.ip().is_unspecified() {
             // "[::]:port" serves IPv4 clients too, whatever the system default is.
@@ -181,8 +206,29 @@ fn run(path: &Path) -> Result<(), AppError> {
         tracing::info!(listen.address = %address, "proxy listener configured");
     }
     server.add_service(proxy);
+
+    if let Some(address) = settings.listen.admin {
+        let admin = Admin {
+            metrics,
+            lifecycle: Arc::clone(&lifecycle),
+        };
+        let mut service = Service::new("admin".to_owned(), admin);
+        service.add_tcp(&address.to_string());
+        server.add_service(service);
+        tracing::info!(listen.address = %address, "admin listener configured");
+    }
     server.add_service(background_service("config reload", reloader));
-    server.run_forever()
+
+    let shutdown = ShutdownSequence {
+        lifecycle,
+        drain_delay: settings.shutdown.drain_delay,
+        grace_period: settings.shutdown.grace_period,
+    };
+    server.run(RunArgs {
+        shutdown_signal: Box::new(shutdown),
+    });
+    tracing::info!("keygate stopped");
+    Ok(())
 }
 
 /// Resolves the upstream host once, at start.

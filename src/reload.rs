@@ -21,11 +21,12 @@ use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
 use crate::config::{self, Settings};
+use crate::metrics::Metrics;
 use crate::table::{NameList, Table, TableDiff};
 
 /// How long the file must stay quiet after an event before it is read.
 const DEBOUNCE: Duration = Duration::from_millis(150);
-/// The longest a burst of events can delay a read.
+/// The maximum delay that a burst of events can cause before a read.
 const MAX_DEBOUNCE: Duration = Duration::from_secs(2);
 
 /// The state of reloads that other parts of keygate read: metrics and logs.
@@ -41,7 +42,7 @@ impl ReloadStatus {
     }
 }
 
-/// What started a reload.
+/// The event that started a reload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Trigger {
     Watch,
@@ -71,6 +72,7 @@ pub enum ReloadResult {
 pub struct Reloader {
     path: PathBuf,
     table: Arc<ArcSwap<Table>>,
+    metrics: Arc<Metrics>,
     startup: Settings,
     status: Arc<ReloadStatus>,
     /// The SHA-256 of the file behind the table in force.
@@ -83,13 +85,16 @@ impl Reloader {
         path: PathBuf,
         digest: [u8; 32],
         table: Arc<ArcSwap<Table>>,
+        metrics: Arc<Metrics>,
         startup: Settings,
     ) -> Self {
         let status = Arc::new(ReloadStatus::default());
         status.generation.store(1, Ordering::Relaxed);
+        metrics.record_table(&table.load(), 1, false);
         Self {
             path,
             table,
+            metrics,
             startup,
             status,
             applied: Mutex::new(digest),
@@ -113,6 +118,7 @@ impl Reloader {
             Ok(Ok(Some(version))) => version,
             Ok(Ok(None)) => return ReloadResult::Unchanged,
             Ok(Err(problems)) => {
+                self.metrics.record_rejected_reload();
                 self.log_rejection(trigger, &problems);
                 return ReloadResult::Rejected;
             }
@@ -129,9 +135,11 @@ impl Reloader {
             );
         }
         let diff = TableDiff::between(&self.table.load(), &loaded.table);
-        self.table.store(Arc::new(loaded.table));
+        let table = Arc::new(loaded.table);
+        self.table.store(Arc::clone(&table));
         *self.applied.lock().unwrap_or_else(|e| e.into_inner()) = digest;
         let generation = self.status.generation.fetch_add(1, Ordering::Relaxed) + 1;
+        self.metrics.record_table(&table, generation, true);
         tracing::info!(
             config.path = %self.path.display(),
             config.sha256 = %hex(&digest),
@@ -359,7 +367,7 @@ fn read_new_version(
     }
     let loaded = config::parse(&path.display().to_string(), &text)
         .map_err(|errors| errors.0.iter().map(ToString::to_string).collect::<Vec<_>>())?;
-    // A writer may still be at work: apply the version only if the file still holds it.
+    // A writer may still be at work: apply the version only if the file still contains it.
     let again = std::fs::read(path)
         .map_err(|error| vec![format!("failed to read {}: {error}", path.display())])?;
     if <[u8; 32]>::from(Sha256::digest(&again)) != digest {

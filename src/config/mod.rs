@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
+use toml::de::{DeTable, DeValue};
 
 pub use error::{ConfigError, ConfigErrors, LoadError};
 
@@ -111,8 +112,8 @@ pub fn load(path: &Path) -> Result<Config, LoadError> {
 pub fn parse(path: &str, text: &str) -> Result<Config, ConfigErrors> {
     let source = Source::new(path, text);
     let mut report = Report::new(&source);
-    let document = match toml_edit::ImDocument::parse(text) {
-        Ok(document) => document,
+    let root = match DeTable::parse(text) {
+        Ok(root) => root,
         Err(error) => {
             let span = error.span().unwrap_or(0..0);
             report.error(
@@ -120,24 +121,24 @@ pub fn parse(path: &str, text: &str) -> Result<Config, ConfigErrors> {
                 None,
                 "",
                 None,
-                format!("invalid TOML: {}", error.message()),
+                format!("invalid TOML: {}", error.message().trim_end()),
             );
             return Err(ConfigErrors(report.errors));
         }
     };
-    find_unknown_keys(document.as_table(), schema::ROOT, "", None, &mut report);
+    find_unknown_keys(root.get_ref(), schema::ROOT, "", None, &mut report);
     if !report.errors.is_empty() {
+        report.errors.sort_by_key(|error| error.line);
         return Err(ConfigErrors(report.errors));
     }
-    let file: file::FileConfig =
-        match file::FileConfig::deserialize(toml_edit::de::Deserializer::from(document)) {
-            Ok(file) => file,
-            Err(error) => {
-                let span = error.span().unwrap_or(0..0);
-                report.error(span, None, "", None, error.message().to_owned());
-                return Err(ConfigErrors(report.errors));
-            }
-        };
+    let file = match file::FileConfig::deserialize(toml::de::Deserializer::from(root)) {
+        Ok(file) => file,
+        Err(error) => {
+            let span = error.span().unwrap_or(0..0);
+            report.error(span, None, "", None, error.message().trim_end().to_owned());
+            return Err(ConfigErrors(report.errors));
+        }
+    };
     match validate::build(file, &mut report) {
         Some((table, settings)) if report.errors.is_empty() => Ok(Config {
             table,
@@ -150,27 +151,23 @@ pub fn parse(path: &str, text: &str) -> Result<Config, ConfigErrors> {
 
 /// Reports every key that the schema does not know, with the campaign it sits in.
 fn find_unknown_keys(
-    table: &dyn toml_edit::TableLike,
+    table: &DeTable<'_>,
     known: &[(&str, Child)],
     path: &str,
     campaign: Option<&str>,
     report: &mut Report<'_>,
 ) {
-    for (key, item) in table.iter() {
+    for (key, item) in table {
+        let name: &str = key.get_ref();
         let field = if path.is_empty() {
-            key.to_owned()
+            name.to_owned()
         } else {
-            format!("{path}.{key}")
+            format!("{path}.{name}")
         };
-        let span = table
-            .key(key)
-            .and_then(|k| k.span())
-            .or_else(|| item.span())
-            .unwrap_or(0..0);
-        let Some((_, child)) = known.iter().find(|(name, _)| *name == key) else {
-            let names: Vec<&str> = known.iter().map(|(name, _)| *name).collect();
+        let Some((_, child)) = known.iter().find(|(known_name, _)| *known_name == name) else {
+            let names: Vec<&str> = known.iter().map(|(known_name, _)| *known_name).collect();
             report.error(
-                span,
+                key.span(),
                 campaign,
                 field,
                 None,
@@ -178,41 +175,25 @@ fn find_unknown_keys(
             );
             continue;
         };
-        match child {
-            Child::Value => {}
-            Child::Table(fields) => {
-                if let Some(inner) = item.as_table_like() {
-                    find_unknown_keys(inner, fields, &field, campaign, report);
-                }
+        match (child, item.get_ref()) {
+            (Child::Table(fields), DeValue::Table(inner)) => {
+                find_unknown_keys(inner, fields, &field, campaign, report);
             }
-            Child::ArrayOfTables(fields) => {
-                for (index, entry) in tables_of(item).into_iter().enumerate() {
+            (Child::ArrayOfTables(fields), DeValue::Array(entries)) => {
+                for (index, entry) in entries.iter().enumerate() {
+                    let DeValue::Table(inner) = entry.get_ref() else {
+                        continue;
+                    };
                     let inner_campaign =
-                        campaign.or_else(|| entry.get("id").and_then(|id| id.as_str()));
+                        campaign.or_else(|| inner.get("id").and_then(|id| id.get_ref().as_str()));
                     let entry_path = format!("{field}[{index}]");
-                    find_unknown_keys(entry, fields, &entry_path, inner_campaign, report);
+                    find_unknown_keys(inner, fields, &entry_path, inner_campaign, report);
                 }
             }
+            // A value of the wrong type is reported by deserialization.
+            _ => {}
         }
     }
-}
-
-/// Returns the tables of an array of tables, written either as `[[name]]` or inline.
-fn tables_of(item: &toml_edit::Item) -> Vec<&dyn toml_edit::TableLike> {
-    if let Some(array) = item.as_array_of_tables() {
-        return array
-            .iter()
-            .map(|t| t as &dyn toml_edit::TableLike)
-            .collect();
-    }
-    if let Some(array) = item.as_array() {
-        return array
-            .iter()
-            .filter_map(|value| value.as_inline_table())
-            .map(|t| t as &dyn toml_edit::TableLike)
-            .collect();
-    }
-    Vec::new()
 }
 
 #[cfg(test)]

@@ -351,9 +351,13 @@ fn routes(section: &Spanned<super::file::RoutesSection>, report: &mut Report<'_>
     routes
 }
 
+/// The first key seen with a digest: its campaign id, key id and line.
+type HashOwners<'a> = HashMap<KeyHash, (&'a str, &'a str, usize)>;
+
 fn campaigns(sections: &[Spanned<CampaignSection>], report: &mut Report<'_>) -> Vec<Campaign> {
-    let mut first_line_of_id: HashMap<&str, usize> = HashMap::new();
-    let mut owner_of_hash: HashMap<KeyHash, (String, String, usize)> = HashMap::new();
+    let mut first_line_of_id: HashMap<&str, usize> = HashMap::with_capacity(sections.len());
+    let mut owner_of_hash: HashOwners<'_> =
+        HashMap::with_capacity(sections.len() * MAX_KEYS_PER_CAMPAIGN);
     let mut campaigns = Vec::with_capacity(sections.len());
     for (index, section) in sections.iter().enumerate() {
         let section = section.get_ref();
@@ -395,12 +399,13 @@ fn allowlist(section: &CampaignSection, field: &str, report: &mut Report<'_>) ->
     let id = section.id.get_ref().as_str();
     let mut networks = Vec::with_capacity(section.allowed_ips.len());
     for (index, entry) in section.allowed_ips.iter().enumerate() {
-        let entry_field = format!("{field}.allowed_ips[{index}]");
+        // Built only for an error, because a large table has millions of entries.
+        let entry_field = || format!("{field}.allowed_ips[{index}]");
         match parse_network(entry.get_ref()) {
             Ok(network) if is_any(&network) && !section.allow_any_ip => report.error(
                 entry.span(),
                 Some(id),
-                entry_field,
+                entry_field(),
                 Some(entry.get_ref()),
                 "this allows every address; set allow_any_ip = true on the campaign if that is intended",
             ),
@@ -408,7 +413,7 @@ fn allowlist(section: &CampaignSection, field: &str, report: &mut Report<'_>) ->
             Err(message) => report.error(
                 entry.span(),
                 Some(id),
-                entry_field,
+                entry_field(),
                 Some(entry.get_ref()),
                 message,
             ),
@@ -426,10 +431,10 @@ fn allowlist(section: &CampaignSection, field: &str, report: &mut Report<'_>) ->
     IpSet::from_networks(&networks)
 }
 
-fn keys(
-    section: &CampaignSection,
+fn keys<'a>(
+    section: &'a CampaignSection,
     field: &str,
-    owner_of_hash: &mut HashMap<KeyHash, (String, String, usize)>,
+    owner_of_hash: &mut HashOwners<'a>,
     report: &mut Report<'_>,
 ) -> Vec<KeyInfo> {
     let campaign_id = section.id.get_ref().as_str();
@@ -446,14 +451,16 @@ fn keys(
             ),
         );
     }
-    let mut seen_ids: HashMap<&str, usize> = HashMap::new();
+    let mut seen_ids: Vec<(&str, usize)> = Vec::with_capacity(section.keys.len());
     let mut keys = Vec::with_capacity(section.keys.len());
     for (index, key) in section.keys.iter().enumerate() {
-        let key_field = format!("{field}.keys[{index}]");
         if let Some(info) = key_info(
             key,
             campaign_id,
-            &key_field,
+            &KeyField {
+                campaign: field,
+                index,
+            },
             &mut seen_ids,
             owner_of_hash,
             report,
@@ -464,12 +471,24 @@ fn keys(
     keys
 }
 
+/// The field path of a key, formatted only for an error.
+struct KeyField<'f> {
+    campaign: &'f str,
+    index: usize,
+}
+
+impl std::fmt::Display for KeyField<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.keys[{}]", self.campaign, self.index)
+    }
+}
+
 fn key_info<'a>(
     key: &'a Spanned<KeySection>,
-    campaign_id: &str,
-    field: &str,
-    seen_ids: &mut HashMap<&'a str, usize>,
-    owner_of_hash: &mut HashMap<KeyHash, (String, String, usize)>,
+    campaign_id: &'a str,
+    field: &KeyField<'_>,
+    seen_ids: &mut Vec<(&'a str, usize)>,
+    owner_of_hash: &mut HashOwners<'a>,
     report: &mut Report<'_>,
 ) -> Option<KeyInfo> {
     let key = key.get_ref();
@@ -485,17 +504,15 @@ fn key_info<'a>(
         );
     }
     let line = report.line(key.id.span().start);
-    match seen_ids.get(id) {
-        Some(first) => report.error(
+    match seen_ids.iter().find(|(seen, _)| *seen == id) {
+        Some((_, first)) => report.error(
             key.id.span(),
             Some(campaign_id),
             format!("{field}.id"),
             Some(id),
             format!("duplicate key id in this campaign; it is first used on line {first}"),
         ),
-        None => {
-            seen_ids.insert(id, line);
-        }
+        None => seen_ids.push((id, line)),
     }
 
     let hash_text = key.sha256.get_ref();
@@ -521,7 +538,7 @@ fn key_info<'a>(
                     ),
                 );
             } else {
-                owner_of_hash.insert(hash, (campaign_id.to_owned(), id.to_owned(), hash_line));
+                owner_of_hash.insert(hash, (campaign_id, id, hash_line));
             }
         }
     }

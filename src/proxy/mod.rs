@@ -13,11 +13,13 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
-use pingora::http::RequestHeader;
+use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::*;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{ErrorSource, ErrorType};
 
+use crate::lifecycle::{InFlight, Lifecycle};
+use crate::metrics::{Metrics, RequestOutcome};
 use crate::table::{decide, Decision, Denial, Grant, RequestFacts, Table};
 pub use headers::is_reserved;
 use headers::RawAuthorization;
@@ -35,31 +37,25 @@ pub struct UpstreamPeer {
 
 /// The proxy application.
 pub struct Keygate {
-    table: Arc<ArcSwap<Table>>,
-    upstream: UpstreamPeer,
+    pub table: Arc<ArcSwap<Table>>,
+    pub upstream: UpstreamPeer,
+    pub metrics: Arc<Metrics>,
+    pub lifecycle: Arc<Lifecycle>,
     /// Whether a log line is written for every request.
-    access_log: bool,
+    pub access_log: bool,
 }
 
-impl Keygate {
-    pub fn new(table: Arc<ArcSwap<Table>>, upstream: UpstreamPeer, access_log: bool) -> Self {
-        Self {
-            table,
-            upstream,
-            access_log,
-        }
-    }
-}
-
-/// The outcome of a request, for the access log.
+/// The outcome of a request, for metrics and the access log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
     /// The request was read, but no decision was made yet.
     Pending,
-    Allowed(Grant),
+    Allowed,
     Rejected(Denial),
     /// The request was allowed, but the upstream failed; the code names how.
     UpstreamError(&'static str),
+    /// The request could not be read; the code names how.
+    ClientError(&'static str),
 }
 
 /// Per-request state.
@@ -67,8 +63,11 @@ pub struct RequestContext {
     table: Option<Arc<Table>>,
     request_id: String,
     client_ip: Option<IpAddr>,
+    grant: Option<Grant>,
     outcome: Outcome,
+    upstream_status: Option<u16>,
     started: Instant,
+    _in_flight: InFlight,
 }
 
 #[async_trait]
@@ -80,8 +79,11 @@ impl ProxyHttp for Keygate {
             table: None,
             request_id: new_request_id(),
             client_ip: None,
+            grant: None,
             outcome: Outcome::Pending,
+            upstream_status: None,
             started: Instant::now(),
+            _in_flight: self.lifecycle.track_request(),
         }
     }
 
@@ -105,12 +107,15 @@ impl ProxyHttp for Keygate {
             authorization: authorization.as_facts(),
             now: crate::unix_now(),
         };
+        let decision_started = Instant::now();
         let decision = decide(&table, &facts);
+        self.metrics.observe_decision(decision_started.elapsed());
         ctx.table = Some(table);
 
         match decision {
             Decision::Allow(grant) => {
-                ctx.outcome = Outcome::Allowed(grant);
+                ctx.grant = Some(grant);
+                ctx.outcome = Outcome::Allowed;
                 Ok(false)
             }
             Decision::Deny(denial) => {
@@ -141,7 +146,7 @@ impl ProxyHttp for Keygate {
         request: &mut RequestHeader,
         ctx: &mut RequestContext,
     ) -> Result<()> {
-        let (Outcome::Allowed(grant), Some(table)) = (ctx.outcome, ctx.table.as_ref()) else {
+        let (Some(grant), Some(table)) = (ctx.grant, ctx.table.as_ref()) else {
             // INVARIANT: request_filter forwards only allowed requests.
             return Error::e_explain(
                 ErrorType::InternalError,
@@ -156,6 +161,18 @@ impl ProxyHttp for Keygate {
         request.insert_header("X-Request-Id", &ctx.request_id)?;
         let client_ip = ctx.client_ip.map(|ip| ip.to_string()).unwrap_or_default();
         request.insert_header("X-Forwarded-For", client_ip)?;
+        Ok(())
+    }
+
+    async fn upstream_response_filter(
+        &self,
+        _session: &mut Session,
+        response: &mut ResponseHeader,
+        ctx: &mut RequestContext,
+    ) -> Result<()> {
+        let status = response.status.as_u16();
+        ctx.upstream_status = Some(status);
+        self.metrics.record_upstream_status(status);
         Ok(())
     }
 
@@ -194,9 +211,11 @@ impl ProxyHttp for Keygate {
     ) -> FailToProxy {
         let reply = failure_reply(error);
         if let Some(reply) = reply {
-            if matches!(error.esource(), ErrorSource::Upstream) {
-                ctx.outcome = Outcome::UpstreamError(reply.code);
-            }
+            ctx.outcome = match error.esource() {
+                ErrorSource::Upstream => Outcome::UpstreamError(reply.code),
+                _ if ctx.outcome == Outcome::Pending => Outcome::ClientError(reply.code),
+                _ => ctx.outcome,
+            };
             if session.response_written().is_none() {
                 if let Err(write_error) = respond::fail(session, &reply, &ctx.request_id).await {
                     tracing::debug!(error = %write_error, "failed to send the error response");
@@ -220,12 +239,15 @@ impl ProxyHttp for Keygate {
                 tracing::warn!(request.id = %ctx.request_id, error = %error, "upstream request failed");
             }
         }
-        if !self.access_log {
-            return;
-        }
-        let status = session.response_written().map_or(0, |r| r.status.as_u16());
-        let (campaign, key) = match (ctx.outcome, ctx.table.as_ref()) {
-            (Outcome::Allowed(grant), Some(table)) => {
+        let (outcome, code) = match ctx.outcome {
+            Outcome::Pending => return,
+            Outcome::Allowed => (RequestOutcome::Allowed, ""),
+            Outcome::Rejected(denial) => (RequestOutcome::Rejected, denial.code()),
+            Outcome::ClientError(code) => (RequestOutcome::Rejected, code),
+            Outcome::UpstreamError(code) => (RequestOutcome::UpstreamError, code),
+        };
+        let (campaign, key) = match (ctx.grant, ctx.table.as_ref()) {
+            (Some(grant), Some(table)) => {
                 let campaign = table.campaign(grant.campaign);
                 (
                     Some(&*campaign.id),
@@ -234,11 +256,14 @@ impl ProxyHttp for Keygate {
             }
             _ => (None, None),
         };
-        let code = match ctx.outcome {
-            Outcome::Rejected(denial) => denial.code(),
-            Outcome::UpstreamError(code) => code,
-            Outcome::Pending | Outcome::Allowed(_) => "",
-        };
+        let duration = ctx.started.elapsed();
+        self.metrics
+            .record_request(outcome, code, campaign, duration);
+        if !self.access_log {
+            return;
+        }
+
+        let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let target = session.req_header().raw_path();
         let path = target.split(|&b| b == b'?').next().unwrap_or_default();
         tracing::info!(
@@ -250,7 +275,8 @@ impl ProxyHttp for Keygate {
             code,
             campaign.id = campaign.unwrap_or(""),
             key.id = key.unwrap_or(""),
-            duration_ms = ctx.started.elapsed().as_secs_f64() * 1000.0,
+            upstream.status = ctx.upstream_status.unwrap_or(0),
+            duration_ms = duration.as_secs_f64() * 1000.0,
             bytes.received = session.body_bytes_read(),
             bytes.sent = session.body_bytes_sent(),
             "request",

@@ -1,4 +1,4 @@
-//! What changed between two tables, for the log line of a reload.
+//! The changes between two tables, for the log line of a reload.
 
 use std::collections::HashMap;
 use std::fmt;

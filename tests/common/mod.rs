@@ -110,6 +110,29 @@ sha256 = "{live}"
     )
 }
 
+/// Adds `admin` as the admin listener to a configuration made by `test_config`.
+pub fn with_admin(config: &str, admin: SocketAddr) -> String {
+    config.replacen(
+        "\n\n[upstream]",
+        &format!("\nadmin = \"{admin}\"\n\n[upstream]"),
+        1,
+    )
+}
+
+/// Adds top-level sections, such as `[log]`, to a configuration made by `test_config`.
+pub fn with_sections(config: &str, sections: &str) -> String {
+    config.replacen("[routes]", &format!("{sections}\n\n[routes]"), 1)
+}
+
+/// Sends `GET path` to an admin listener and returns the status and body.
+pub fn admin_get(admin: SocketAddr, path: &str) -> (u16, String) {
+    let response = send("127.0.0.1", admin, &request("GET", path, &[], b""));
+    (
+        response.status,
+        String::from_utf8_lossy(&response.body).into_owned(),
+    )
+}
+
 /// Returns a loopback address with a port that was free a moment ago.
 pub fn free_address(ip: &str) -> SocketAddr {
     let ip: IpAddr = ip.parse().unwrap();

@@ -1,0 +1,347 @@
+//! End-to-end tests of what operators rely on: metrics, health and readiness, access
+//! logs without secrets, and graceful shutdown.
+
+mod common;
+
+use std::net::{SocketAddr, TcpStream};
+use std::thread;
+use std::time::Duration;
+
+use common::*;
+
+const BODY: &[u8] = br#"{"recipient":"+15550100"}"#;
+
+struct Operated {
+    upstream: Upstream,
+    keygate: Keygate,
+    admin: SocketAddr,
+    base: String,
+}
+
+fn start(sections: &str) -> Operated {
+    let upstream = Upstream::start();
+    let listen = free_address("127.0.0.1");
+    let admin = free_address("127.0.0.1");
+    // A read timeout longer than the slow requests of the shutdown test.
+    let base = with_admin(&test_config(&[listen], upstream.address), admin).replacen(
+        "read_timeout_ms = 2000",
+        "read_timeout_ms = 10000",
+        1,
+    );
+    let config = with_sections(&base, sections);
+    let keygate = Keygate::start(&config, listen);
+    wait_until(
+        || admin_get(admin, "/healthz").0 == 200,
+        "the admin listener",
+    );
+    Operated {
+        upstream,
+        keygate,
+        admin,
+        base,
+    }
+}
+
+fn post(keygate: &Keygate, from: &str, path: &str, key: Option<&str>) -> u16 {
+    let auth = key.map(|key| format!("Bearer {key}"));
+    let headers: Vec<(&str, &str)> = auth.iter().map(|a| ("Authorization", a.as_str())).collect();
+    send(
+        from,
+        keygate.address,
+        &request("POST", path, &headers, BODY),
+    )
+    .status
+}
+
+/// Returns the value of the sample whose line starts with `series` (name and labels).
+fn sample(metrics: &str, series: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .map(|value| value.parse().unwrap())
+}
+
+#[test]
+fn metrics_count_known_traffic_exactly() {
+    let operated = start("");
+    let keygate = &operated.keygate;
+    assert_eq!(post(keygate, CLIENT_A, MESSAGES_A, Some(KEY_A)), 201);
+    assert_eq!(post(keygate, CLIENT_A, MESSAGES_A, Some(KEY_A2)), 201);
+    assert_eq!(post(keygate, CLIENT_A, "/other", Some(KEY_A)), 404);
+    for _ in 0..3 {
+        assert_eq!(
+            post(keygate, CLIENT_A, MESSAGES_A, Some("key_test_nope")),
+            401
+        );
+    }
+    assert_eq!(post(keygate, OUTSIDER, MESSAGES_A, Some(KEY_A)), 403);
+    assert_eq!(post(keygate, CLIENT_A, MESSAGES_B, Some(KEY_A)), 403);
+
+    let expected = [
+        (
+            "keygate_requests_total{code=\"none\",outcome=\"allowed\"}",
+            2.0,
+        ),
+        (
+            "keygate_requests_total{code=\"not_found\",outcome=\"rejected\"}",
+            1.0,
+        ),
+        (
+            "keygate_requests_total{code=\"invalid_api_key_provided\",outcome=\"rejected\"}",
+            3.0,
+        ),
+        (
+            "keygate_requests_total{code=\"invalid_ip_address_used\",outcome=\"rejected\"}",
+            1.0,
+        ),
+        (
+            "keygate_requests_total{code=\"campaign_not_allowed\",outcome=\"rejected\"}",
+            1.0,
+        ),
+        ("keygate_upstream_responses_total{class=\"2xx\"}", 2.0),
+        ("keygate_request_duration_seconds_count", 8.0),
+        ("keygate_decision_duration_seconds_count", 8.0),
+    ];
+    // Requests are counted when they end, just after the response is sent.
+    wait_until(
+        || {
+            sample(
+                &admin_get(operated.admin, "/metrics").1,
+                "keygate_request_duration_seconds_count",
+            ) == Some(8.0)
+        },
+        "8 requests in the metrics",
+    );
+    let (status, metrics) = admin_get(operated.admin, "/metrics");
+    assert_eq!(status, 200);
+    for (series, value) in expected {
+        assert_eq!(sample(&metrics, series), Some(value), "{series}\n{metrics}");
+    }
+    assert_eq!(sample(&metrics, "keygate_config_generation"), Some(1.0));
+    assert_eq!(sample(&metrics, "keygate_campaigns"), Some(3.0));
+    assert_eq!(sample(&metrics, "keygate_keys"), Some(5.0));
+    // The test table holds a key that expired in 2020.
+    assert!(sample(&metrics, "keygate_keys_expiring_seconds").unwrap() < 0.0);
+    assert!(
+        sample(
+            &metrics,
+            "keygate_config_last_reload_success_timestamp_seconds"
+        )
+        .unwrap()
+            > 1.7e9
+    );
+    assert!(!metrics.contains(KEY_A));
+    assert!(!metrics.contains(CLIENT_A));
+    assert!(
+        !metrics.contains("campaign_a"),
+        "no campaign label unless per_campaign is set"
+    );
+    assert_eq!(operated.upstream.count(), 2);
+}
+
+#[test]
+fn per_campaign_metrics_carry_the_campaign() {
+    let operated = start("[metrics]\nper_campaign = true");
+    assert_eq!(
+        post(&operated.keygate, CLIENT_A, MESSAGES_A, Some(KEY_A)),
+        201
+    );
+    let series =
+        "keygate_requests_total{campaign=\"campaign_a\",code=\"none\",outcome=\"allowed\"}";
+    wait_until(
+        || sample(&admin_get(operated.admin, "/metrics").1, series) == Some(1.0),
+        series,
+    );
+}
+
+#[test]
+fn failed_reload_counts_and_keeps_generation() {
+    let operated = start("");
+    let path = &operated.keygate.config_path;
+    replace_file(path, &operated.base.replacen("\"::1\"", "\"::1/129\"", 1));
+    let rejected = "keygate_config_reloads_total{result=\"rejected\"}";
+    wait_until(
+        || sample(&admin_get(operated.admin, "/metrics").1, rejected) == Some(1.0),
+        rejected,
+    );
+    let metrics = admin_get(operated.admin, "/metrics").1;
+    assert_eq!(sample(&metrics, "keygate_config_generation"), Some(1.0));
+    assert_eq!(
+        sample(&metrics, "keygate_config_reloads_total{result=\"applied\"}"),
+        Some(0.0)
+    );
+    assert_eq!(
+        post(&operated.keygate, CLIENT_A, MESSAGES_A, Some(KEY_A)),
+        201
+    );
+
+    let without_b = operated
+        .base
+        .replacen("id = \"campaign_b\"", "id = \"campaign_c\"", 1);
+    replace_file(path, &without_b);
+    let applied = "keygate_config_reloads_total{result=\"applied\"}";
+    wait_until(
+        || sample(&admin_get(operated.admin, "/metrics").1, applied) == Some(1.0),
+        applied,
+    );
+    let metrics = admin_get(operated.admin, "/metrics").1;
+    assert_eq!(sample(&metrics, "keygate_config_generation"), Some(2.0));
+    assert_eq!(sample(&metrics, rejected), Some(1.0));
+}
+
+#[test]
+fn health_endpoints_answer_on_admin_port_only() {
+    let operated = start("");
+    assert_eq!(
+        admin_get(operated.admin, "/healthz"),
+        (200, "ok\n".to_owned())
+    );
+    assert_eq!(
+        admin_get(operated.admin, "/readyz"),
+        (200, "ready\n".to_owned())
+    );
+    assert_eq!(admin_get(operated.admin, "/other").0, 404);
+    // The proxy port does not serve them: /healthz is under no route.
+    let on_proxy = send(
+        CLIENT_A,
+        operated.keygate.address,
+        &request("GET", "/healthz", &[], b""),
+    );
+    assert_eq!(on_proxy.status, 404);
+    assert_eq!(on_proxy.error_code(), "not_found");
+}
+
+/// Parses the JSON access log lines of keygate's output.
+fn access_lines(output: &str) -> Vec<serde_json::Value> {
+    output
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|line| line["message"] == "request")
+        .collect()
+}
+
+#[test]
+fn access_log_has_every_field_and_no_secret() {
+    let operated = start("");
+    let keygate = &operated.keygate;
+    let query = "?recipient=%2B15550100&token=query-secret";
+    let allowed = format!("{MESSAGES_A}{query}");
+    assert_eq!(post(keygate, CLIENT_A, &allowed, Some(KEY_A)), 201);
+    let wrong_key = "key_test_presented-but-unknown";
+    assert_eq!(post(keygate, CLIENT_A, MESSAGES_A, Some(wrong_key)), 401);
+
+    wait_until(
+        || access_lines(&keygate.stdout()).len() == 2,
+        "two access log lines",
+    );
+    let output = keygate.output();
+    let lines = access_lines(&output);
+    let fields = [
+        "timestamp",
+        "request.id",
+        "client.ip",
+        "method",
+        "path",
+        "status",
+        "code",
+        "campaign.id",
+        "key.id",
+        "upstream.status",
+        "duration_ms",
+        "bytes.received",
+        "bytes.sent",
+    ];
+    for line in &lines {
+        for field in fields {
+            assert!(line.get(field).is_some(), "{field} missing from {line}");
+        }
+    }
+    let (ok, denied) = (&lines[0], &lines[1]);
+    assert_eq!(ok["client.ip"], CLIENT_A);
+    assert_eq!(ok["method"], "POST");
+    assert_eq!(ok["path"], MESSAGES_A);
+    assert_eq!(ok["status"], 201);
+    assert_eq!(ok["campaign.id"], "campaign_a");
+    assert_eq!(ok["key.id"], "primary");
+    assert_eq!(ok["upstream.status"], 201);
+    assert_eq!(ok["bytes.received"], BODY.len());
+    let received = operated.upstream.received();
+    assert_eq!(
+        ok["request.id"],
+        received[0].header("x-request-id").unwrap()
+    );
+    assert_eq!(denied["status"], 401);
+    assert_eq!(denied["code"], "invalid_api_key_provided");
+    assert_eq!(denied["key.id"], "");
+
+    for secret in [KEY_A, wrong_key, "query-secret", "Bearer", "uthorization"] {
+        assert!(
+            !output.contains(secret),
+            "{secret} appears in the output:\n{output}"
+        );
+    }
+}
+
+#[test]
+fn access_log_can_be_turned_off_and_text() {
+    let operated = start("[log]\nformat = \"text\"\naccess = false");
+    assert_eq!(
+        post(&operated.keygate, CLIENT_A, MESSAGES_A, Some(KEY_A)),
+        201
+    );
+    operated.keygate.wait_for_output("config reload started");
+    let output = operated.keygate.stdout();
+    assert!(
+        !output.lines().any(|line| line.starts_with('{')),
+        "{output}"
+    );
+    assert!(!output.contains("request.id"), "{output}");
+}
+
+#[test]
+fn sigterm_drains_then_finishes_requests_in_flight() {
+    let operated = start("[shutdown]\ndrain_delay_seconds = 2\ngrace_period_seconds = 20");
+    let Operated {
+        upstream,
+        mut keygate,
+        admin,
+        ..
+    } = operated;
+    let address = keygate.address;
+
+    let auth = format!("Bearer {KEY_A}");
+    let slow = request(
+        "POST",
+        MESSAGES_A,
+        &[("Authorization", &auth), ("X-Test-Delay-Ms", "4000")],
+        BODY,
+    );
+    let in_flight = thread::spawn(move || send(CLIENT_A, address, &slow));
+    wait_until(|| upstream.count() == 1, "the slow request at the upstream");
+
+    keygate.signal("TERM");
+    wait_until(
+        || admin_get(admin, "/readyz").0 == 503,
+        "/readyz to report 503",
+    );
+    assert_eq!(admin_get(admin, "/readyz").1, "not ready: shutting down\n");
+    // During the drain delay, new connections are still accepted and served.
+    assert_eq!(post(&keygate, CLIENT_A, MESSAGES_A, Some(KEY_A)), 201);
+
+    wait_until(
+        || TcpStream::connect(address).is_err(),
+        "the proxy listener to close",
+    );
+    let response = in_flight.join().unwrap();
+    assert_eq!(response.status, 201);
+    assert_eq!(keygate.wait_for_exit(), Some(0));
+    assert_eq!(upstream.count(), 2);
+    let output = keygate.output();
+    assert!(
+        output.contains("no request in flight; shutdown complete"),
+        "{output}"
+    );
+    // A connection attempt after the exit is refused too.
+    thread::sleep(Duration::from_millis(50));
+    assert!(TcpStream::connect(address).is_err());
+}
