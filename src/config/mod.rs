@@ -112,6 +112,8 @@ pub fn load(path: &Path) -> Result<Config, LoadError> {
 pub fn parse(path: &str, text: &str) -> Result<Config, ConfigErrors> {
     let source = Source::new(path, text);
     let mut report = Report::new(&source);
+    // NOTE: toml 1.2 holds the whole file as tokens, events and a document tree while it
+    // parses, about 20 times the file size at the peak (a 66 MiB file peaks near 1.4 GiB).
     let root = match DeTable::parse(text) {
         Ok(root) => root,
         Err(error) => {

@@ -164,12 +164,23 @@ impl Keygate {
 
     /// Starts keygate on a configuration file that the caller has already laid out.
     pub fn start_at(dir: tempfile::TempDir, config_path: PathBuf, address: SocketAddr) -> Self {
+        Self::start_with_env(dir, config_path, address, &[])
+    }
+
+    /// Starts keygate with extra environment variables.
+    pub fn start_with_env(
+        dir: tempfile::TempDir,
+        config_path: PathBuf,
+        address: SocketAddr,
+        env: &[(&str, &std::ffi::OsStr)],
+    ) -> Self {
         let stdout = std::fs::File::create(dir.path().join("stdout.log")).unwrap();
         let stderr = std::fs::File::create(dir.path().join("stderr.log")).unwrap();
         let child = Command::new(keygate_binary())
             .args(["run", "--config"])
             .arg(&config_path)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(stdout)
             .stderr(stderr)
