@@ -168,3 +168,52 @@ fn exit_when_idle(lifecycle: &Lifecycle, grace_period: Duration) {
         "grace period over with requests still in flight; they are cut off",
     );
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn readiness_follows_listener_and_shutdown() {
+        // A port that was free a moment ago: nothing listens there yet.
+        let address = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let lifecycle = Lifecycle::new(vec![address]);
+        assert_eq!(lifecycle.readiness().await, Readiness::Starting);
+
+        let _listener = std::net::TcpListener::bind(address).unwrap();
+        assert_eq!(lifecycle.readiness().await, Readiness::Ready);
+
+        lifecycle.shutting_down.store(true, Ordering::Relaxed);
+        assert_eq!(lifecycle.readiness().await, Readiness::ShuttingDown);
+    }
+
+    #[test]
+    fn in_flight_guard_counts_requests() {
+        let lifecycle = Lifecycle::new(Vec::new());
+        let first = lifecycle.track_request();
+        let second = lifecycle.track_request();
+        assert_eq!(lifecycle.in_flight(), 2);
+        drop(first);
+        drop(second);
+        assert_eq!(lifecycle.in_flight(), 0);
+    }
+
+    #[test]
+    fn unspecified_addresses_are_probed_on_loopback() {
+        assert_eq!(
+            reachable_ip("0.0.0.0".parse().unwrap()),
+            IpAddr::V4(Ipv4Addr::LOCALHOST)
+        );
+        assert_eq!(
+            reachable_ip("::".parse().unwrap()),
+            IpAddr::V6(Ipv6Addr::LOCALHOST)
+        );
+        assert_eq!(
+            reachable_ip("127.0.0.9".parse().unwrap()),
+            "127.0.0.9".parse::<IpAddr>().unwrap()
+        );
+    }
+}

@@ -150,6 +150,7 @@ impl Reloader {
             campaigns.changed = %NameList(&diff.campaigns_changed),
             keys.added = %NameList(&diff.keys_added),
             keys.removed = %NameList(&diff.keys_removed),
+            trusted_proxies.changed = diff.trusted_proxies_changed,
             "configuration reloaded",
         );
         ReloadResult::Applied

@@ -11,6 +11,7 @@ pub struct FileConfig {
     pub listen: Spanned<ListenSection>,
     pub upstream: Spanned<UpstreamSection>,
     pub routes: Spanned<RoutesSection>,
+    pub client_ip: Option<ClientIpSection>,
     pub shutdown: Option<ShutdownSection>,
     pub log: Option<LogSection>,
     pub metrics: Option<MetricsSection>,
@@ -41,6 +42,13 @@ pub struct UpstreamSection {
 #[serde(deny_unknown_fields)]
 pub struct RoutesSection {
     pub campaign_paths: Spanned<Vec<Spanned<String>>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientIpSection {
+    #[serde(default)]
+    pub trusted_proxies: Vec<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -103,12 +111,14 @@ pub(super) mod schema {
         ("listen", Child::Table(LISTEN)),
         ("upstream", Child::Table(UPSTREAM)),
         ("routes", Child::Table(ROUTES)),
+        ("client_ip", Child::Table(CLIENT_IP)),
         ("shutdown", Child::Table(SHUTDOWN)),
         ("log", Child::Table(LOG)),
         ("metrics", Child::Table(METRICS)),
         ("reload", Child::Table(RELOAD)),
         ("campaigns", Child::ArrayOfTables(CAMPAIGN)),
     ];
+    const CLIENT_IP: &[(&str, Child)] = &[("trusted_proxies", Child::Value)];
     const SHUTDOWN: &[(&str, Child)] = &[
         ("drain_delay_seconds", Child::Value),
         ("grace_period_seconds", Child::Value),

@@ -283,6 +283,21 @@ fn wrong_type_reports_its_line() {
 }
 
 #[test]
+fn trusted_proxies_reject_every_address() {
+    let text = VALID.replacen(
+        "[routes]",
+        "[client_ip]\ntrusted_proxies = [\"10.0.0.0/8\", \"::/0\"]\n\n[routes]",
+        1,
+    );
+    let found = errors(&text);
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0].field, "client_ip.trusted_proxies[1]");
+    assert!(found[0]
+        .message
+        .contains("any client choose its own address"));
+}
+
+#[test]
 fn allow_any_ip_permits_whole_family() {
     let text = VALID.replacen(
         "allowed_ips = [\"198.51.100.7\"]",

@@ -10,7 +10,7 @@ use toml::Spanned;
 use super::address::{is_any, parse_network};
 use super::error::Report;
 use super::file::{CampaignSection, FileConfig, KeySection, UpstreamSection};
-use super::file::{LogSection, ReloadSection, ShutdownSection};
+use super::file::{ClientIpSection, LogSection, ReloadSection, ShutdownSection};
 use super::{Listen, Log, LogFormat, Metrics, Reload, Settings, Shutdown, Upstream};
 use crate::table::{
     Campaign, Environment, IpSet, KeyHash, KeyInfo, Route, Table, MAX_KEYS_PER_CAMPAIGN,
@@ -27,6 +27,7 @@ pub(super) fn build(file: FileConfig, report: &mut Report<'_>) -> Option<(Table,
     let listen = listen(&file.listen, report);
     let upstream = upstream(&file.upstream, report);
     let routes = routes(&file.routes, report);
+    let trusted_proxies = trusted_proxies(file.client_ip.as_ref(), report);
     let shutdown = shutdown(file.shutdown.as_ref(), report);
     let log = log(file.log.as_ref(), report);
     let metrics = Metrics {
@@ -38,7 +39,7 @@ pub(super) fn build(file: FileConfig, report: &mut Report<'_>) -> Option<(Table,
     if !report.errors.is_empty() {
         return None;
     }
-    let table = Table::new(environment?, routes, campaigns);
+    let table = Table::new(environment?, routes, campaigns).with_trusted_proxies(trusted_proxies);
     let settings = Settings {
         listen: listen?,
         upstream: upstream?,
@@ -236,6 +237,26 @@ fn timeout(
         return None;
     }
     Some(Duration::from_millis(ms as u64))
+}
+
+fn trusted_proxies(section: Option<&ClientIpSection>, report: &mut Report<'_>) -> IpSet {
+    let entries = section.map_or(&[][..], |s| &s.trusted_proxies[..]);
+    let mut networks = Vec::with_capacity(entries.len());
+    for (index, entry) in entries.iter().enumerate() {
+        let field = || format!("client_ip.trusted_proxies[{index}]");
+        match parse_network(entry.get_ref()) {
+            Ok(network) if is_any(&network) => report.error(
+                entry.span(),
+                None,
+                field(),
+                Some(entry.get_ref()),
+                "trusting every address would let any client choose its own address; list the proxies' networks",
+            ),
+            Ok(network) => networks.push(network),
+            Err(message) => report.error(entry.span(), None, field(), Some(entry.get_ref()), message),
+        }
+    }
+    IpSet::from_networks(&networks)
 }
 
 const DEFAULT_DRAIN_DELAY_SECONDS: i64 = 5;

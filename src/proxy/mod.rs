@@ -20,7 +20,7 @@ use pingora::{ErrorSource, ErrorType};
 
 use crate::lifecycle::{InFlight, Lifecycle};
 use crate::metrics::{Metrics, RequestOutcome};
-use crate::table::{decide, Decision, Denial, Grant, RequestFacts, Table};
+use crate::table::{client_ip, decide, Decision, Denial, Grant, RequestFacts, Table};
 pub use headers::is_reserved;
 use headers::RawAuthorization;
 pub use respond::{error_body, ErrorReply, MAX_DRAIN_BYTES};
@@ -62,6 +62,9 @@ pub enum Outcome {
 pub struct RequestContext {
     table: Option<Arc<Table>>,
     request_id: String,
+    /// The TCP peer.
+    peer_ip: Option<IpAddr>,
+    /// The client: the peer, or the address that trusted proxies forwarded.
     client_ip: Option<IpAddr>,
     grant: Option<Grant>,
     outcome: Outcome,
@@ -78,6 +81,7 @@ impl ProxyHttp for Keygate {
         RequestContext {
             table: None,
             request_id: new_request_id(),
+            peer_ip: None,
             client_ip: None,
             grant: None,
             outcome: Outcome::Pending,
@@ -93,10 +97,18 @@ impl ProxyHttp for Keygate {
         ctx: &mut RequestContext,
     ) -> Result<bool> {
         let table = self.table.load_full();
-        ctx.client_ip = session
+        ctx.peer_ip = session
             .client_addr()
             .and_then(|address| address.as_inet())
             .map(|address| address.ip().to_canonical());
+        ctx.client_ip = ctx.peer_ip.map(|peer| {
+            let forwarded_for = session.req_header().headers.get_all("x-forwarded-for");
+            client_ip(
+                peer,
+                forwarded_for.iter().map(|v| v.as_bytes()),
+                table.trusted_proxies(),
+            )
+        });
 
         let authorization = RawAuthorization::read(session);
         let target = session.req_header().raw_path();
@@ -269,6 +281,7 @@ impl ProxyHttp for Keygate {
         tracing::info!(
             request.id = %ctx.request_id,
             client.ip = %ctx.client_ip.map(|ip| ip.to_string()).unwrap_or_default(),
+            peer.ip = %ctx.peer_ip.map(|ip| ip.to_string()).unwrap_or_default(),
             method = %session.req_header().method,
             path = %String::from_utf8_lossy(path),
             status,

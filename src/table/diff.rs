@@ -14,6 +14,7 @@ pub struct TableDiff {
     pub campaigns_changed: Vec<String>,
     pub keys_added: Vec<String>,
     pub keys_removed: Vec<String>,
+    pub trusted_proxies_changed: bool,
 }
 
 impl TableDiff {
@@ -23,7 +24,10 @@ impl TableDiff {
             old.campaigns().iter().map(|c| (&*c.id, c)).collect();
         let new_ids: HashMap<&str, &Campaign> =
             new.campaigns().iter().map(|c| (&*c.id, c)).collect();
-        let mut diff = Self::default();
+        let mut diff = Self {
+            trusted_proxies_changed: old.trusted_proxies() != new.trusted_proxies(),
+            ..Self::default()
+        };
         for campaign in new.campaigns() {
             match old_by_id.get(&*campaign.id) {
                 None => {

@@ -2,6 +2,7 @@
 //! digests and routes. The config module builds a table once, and it is then shared
 //! read-only through an `ArcSwap`. A reload builds a new table and swaps it in whole.
 
+mod client_ip;
 mod decide;
 mod diff;
 mod ipset;
@@ -10,6 +11,7 @@ pub mod path;
 
 use std::collections::HashMap;
 
+pub use client_ip::client_ip;
 pub use decide::{decide, Authorization, Decision, Denial, Grant, RequestFacts};
 pub use diff::{NameList, TableDiff};
 pub use ipset::IpSet;
@@ -55,6 +57,8 @@ pub struct Table {
     keys: HashMap<KeyHash, KeySlot, BuildDigestHasher>,
     /// Every network of every campaign, for the first allowlist check.
     callers: IpSet,
+    /// Peers whose `X-Forwarded-For` names the client.
+    trusted_proxies: IpSet,
 }
 
 impl Table {
@@ -85,7 +89,18 @@ impl Table {
             campaigns,
             keys,
             callers,
+            trusted_proxies: IpSet::default(),
         }
+    }
+
+    /// Sets the proxies whose `X-Forwarded-For` header names the client.
+    pub fn with_trusted_proxies(mut self, trusted_proxies: IpSet) -> Self {
+        self.trusted_proxies = trusted_proxies;
+        self
+    }
+
+    pub fn trusted_proxies(&self) -> &IpSet {
+        &self.trusted_proxies
     }
 
     pub fn environment(&self) -> Environment {

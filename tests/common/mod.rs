@@ -133,10 +133,25 @@ pub fn admin_get(admin: SocketAddr, path: &str) -> (u16, String) {
     )
 }
 
-/// Returns a loopback address with a port that was free a moment ago.
+/// Returns `ip` with a port that was free on every address a moment ago.
+///
+/// Ports come from 20000-31999, below Linux's ephemeral range, so that the source ports
+/// of the tests' own client connections cannot take them, and each call in a test
+/// process gets a different port.
 pub fn free_address(ip: &str) -> SocketAddr {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
     let ip: IpAddr = ip.parse().unwrap();
-    TcpListener::bind((ip, 0)).unwrap().local_addr().unwrap()
+    let start = std::process::id().wrapping_mul(7919);
+    for _ in 0..12_000 {
+        let port =
+            20_000 + (start.wrapping_add(NEXT.fetch_add(1, Ordering::Relaxed)) % 12_000) as u16;
+        // A dual-stack wildcard bind fails if anything uses the port on any address.
+        if TcpListener::bind(("::", port)).is_ok() {
+            return SocketAddr::new(ip, port);
+        }
+    }
+    panic!("no free port in 20000-31999");
 }
 
 /// The path of the built keygate binary.
