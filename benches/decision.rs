@@ -55,6 +55,7 @@ fn build_table(campaigns: usize) -> Table {
                         expires_at: None,
                     })
                     .collect(),
+                rate_limit: None,
             }
         })
         .collect();

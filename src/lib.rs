@@ -12,8 +12,10 @@ pub mod lifecycle;
 pub mod logging;
 pub mod metrics;
 pub mod proxy;
+pub mod rate_limit;
 pub mod reload;
 pub mod table;
+pub mod upstream;
 
 /// Returns the current time in Unix seconds, the unit of key expiry times.
 pub fn unix_now() -> i64 {

@@ -3,7 +3,7 @@
 #![forbid(unsafe_code)]
 
 use std::io::{IsTerminal, Read};
-use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
+use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -21,8 +21,10 @@ use keygate::config::{self, LoadError, Upstream};
 use keygate::lifecycle::{Lifecycle, ShutdownSequence};
 use keygate::metrics::Metrics;
 use keygate::proxy::{Keygate, UpstreamPeer};
+use keygate::rate_limit::RateLimiter;
 use keygate::reload::Reloader;
 use keygate::table::{key, Environment, KeyHash, Table};
+use keygate::upstream::{Resolver, UpstreamAddresses};
 
 /// mimalloc returns freed memory to the operating system, so the memory that parsing a
 /// large config file takes is given back after each load; glibc's allocator kept it.
@@ -101,6 +103,13 @@ enum AppError {
         address: SocketAddr,
         source: std::io::Error,
     },
+    #[error("failed to read upstream.ca_file {}: {source}", path.display())]
+    CaFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the environment variable {name} named by upstream.authorization_env is missing, empty or not a valid header value; set it before starting keygate")]
+    AuthorizationEnv { name: String },
     #[error("failed to read the key from stdin: {0}")]
     ReadKey(std::io::Error),
     #[error("invalid key on stdin: {0}")]
@@ -112,7 +121,9 @@ enum AppError {
 impl AppError {
     fn exit_code(&self) -> u8 {
         match self {
-            AppError::Config(_) => EXIT_BAD_CONFIG,
+            AppError::Config(_) | AppError::CaFile { .. } | AppError::AuthorizationEnv { .. } => {
+                EXIT_BAD_CONFIG
+            }
             AppError::ReadKey(_) | AppError::InvalidKey(_) => EXIT_BAD_INPUT,
             AppError::Resolve { .. } | AppError::Bind { .. } => EXIT_UNAVAILABLE,
             AppError::Random(_) => 1,
@@ -150,7 +161,7 @@ fn main() -> ExitCode {
 fn run(path: &Path) -> Result<(), AppError> {
     let loaded = config::load(path)?;
     keygate::logging::init(loaded.settings.log.format);
-    let upstream = resolve(&loaded.settings.upstream)?;
+    let upstream = upstream_peer(&loaded.settings.upstream)?;
     let listen = &loaded.settings.listen;
     for &address in listen.proxy.iter().chain(&listen.admin) {
         // Pingora retries a busy address for 30 s and then stops only that service, so
@@ -161,9 +172,15 @@ fn run(path: &Path) -> Result<(), AppError> {
         config.path = %path.display(),
         campaigns = loaded.table.campaigns().len(),
         keys = loaded.table.key_count(),
-        upstream.address = %upstream.address,
+        upstream.addresses = %upstream.addresses.all().iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
         "configuration loaded",
     );
+    if upstream.tls && !upstream.verify {
+        tracing::warn!(
+            upstream.host = %loaded.settings.upstream.host,
+            "upstream TLS certificates are NOT verified (insecure_skip_verify = true); anyone on the path can impersonate the upstream",
+        );
+    }
 
     let settings = loaded.settings;
     let table = Arc::new(ArcSwap::from_pointee(loaded.table));
@@ -183,14 +200,28 @@ fn run(path: &Path) -> Result<(), AppError> {
         // shutdown sequence ends the process earlier once none is left.
         grace_period_seconds: Some(settings.shutdown.grace_period.as_secs()),
         graceful_shutdown_timeout_seconds: Some(1),
+        ca_file: settings
+            .upstream
+            .ca_file
+            .as_ref()
+            .map(|path| path.display().to_string()),
         ..ServerConf::default()
     };
     let mut server = Server::new_with_opt_and_conf(None, server_conf);
     server.bootstrap();
 
+    let resolver =
+        (settings.upstream.host.parse::<std::net::IpAddr>().is_err()).then(|| Resolver {
+            host: settings.upstream.host.clone(),
+            port: settings.upstream.port,
+            interval: settings.upstream.dns_refresh,
+            addresses: Arc::clone(&upstream.addresses),
+        });
     let keygate = Keygate {
         table,
         upstream,
+        limits: settings.limits,
+        rate_limiter: RateLimiter::default(),
         metrics: Arc::clone(&metrics),
         lifecycle: Arc::clone(&lifecycle),
         access_log: settings.log.access,
@@ -218,6 +249,9 @@ fn run(path: &Path) -> Result<(), AppError> {
         tracing::info!(listen.address = %address, "admin listener configured");
     }
     server.add_service(background_service("config reload", reloader));
+    if let Some(resolver) = resolver {
+        server.add_service(background_service("upstream resolver", resolver));
+    }
 
     let shutdown = ShutdownSequence {
         lifecycle,
@@ -231,23 +265,44 @@ fn run(path: &Path) -> Result<(), AppError> {
     Ok(())
 }
 
-/// Resolves the upstream host once, at start.
-fn resolve(upstream: &Upstream) -> Result<UpstreamPeer, AppError> {
-    let resolve_error = |reason: String| AppError::Resolve {
-        host: upstream.host.clone(),
-        reason,
+/// Resolves the upstream host and reads its credentials once, at start.
+fn upstream_peer(upstream: &Upstream) -> Result<UpstreamPeer, AppError> {
+    let addresses = keygate::upstream::resolve(&upstream.host, upstream.port)
+        .map_err(|error| error.to_string())
+        .and_then(|found| {
+            (!found.is_empty())
+                .then_some(found)
+                .ok_or_else(|| "no addresses found".to_owned())
+        })
+        .map_err(|reason| AppError::Resolve {
+            host: upstream.host.clone(),
+            reason,
+        })?;
+    if let Some(path) = &upstream.ca_file {
+        std::fs::metadata(path).map_err(|source| AppError::CaFile {
+            path: path.clone(),
+            source,
+        })?;
+    }
+    let authorization = match &upstream.authorization_env {
+        None => None,
+        Some(name) => {
+            let value = std::env::var(name).ok().filter(|value| !value.is_empty());
+            let mut header = value
+                .and_then(|value| http::HeaderValue::from_str(&value).ok())
+                .ok_or_else(|| AppError::AuthorizationEnv { name: name.clone() })?;
+            header.set_sensitive(true);
+            Some(header)
+        }
     };
-    let address = (upstream.host.as_str(), upstream.port)
-        .to_socket_addrs()
-        .map_err(|error| resolve_error(error.to_string()))?
-        .next()
-        .ok_or_else(|| resolve_error("no addresses found".into()))?;
     Ok(UpstreamPeer {
-        address,
+        addresses: UpstreamAddresses::new(addresses),
         tls: upstream.tls,
         sni: upstream.sni.clone(),
+        verify: !upstream.insecure_skip_verify,
         connect_timeout: upstream.connect_timeout,
         read_timeout: upstream.read_timeout,
+        authorization,
     })
 }
 

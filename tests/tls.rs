@@ -162,22 +162,23 @@ impl Drop for HttpsUpstream {
     }
 }
 
-fn start_keygate(upstream_port: u16, ca_file: &Path) -> Keygate {
+/// Starts keygate in front of the HTTPS upstream, with `upstream_lines` added to its
+/// `[upstream]` table and `SSL_CERT_FILE` set to `roots` if given.
+fn start_keygate(upstream_port: u16, upstream_lines: &str, roots: Option<&Path>) -> Keygate {
     let listen = free_address("127.0.0.1");
     let config = test_config(&[listen], "127.0.0.1:1".parse().unwrap()).replacen(
         "address = \"127.0.0.1:1\"",
-        &format!("address = \"localhost:{upstream_port}\"\ntls = true"),
+        &format!("address = \"localhost:{upstream_port}\"\ntls = true\n{upstream_lines}"),
         1,
     );
     let dir = tempfile::tempdir().unwrap();
     let config_path = dir.path().join("keygate.toml");
     std::fs::write(&config_path, config).unwrap();
-    Keygate::start_with_env(
-        dir,
-        config_path,
-        listen,
-        &[("SSL_CERT_FILE", ca_file.as_os_str())],
-    )
+    let env: Vec<(&str, &std::ffi::OsStr)> = roots
+        .map(|path| ("SSL_CERT_FILE", path.as_os_str()))
+        .into_iter()
+        .collect();
+    Keygate::start_with_env(dir, config_path, listen, &env)
 }
 
 fn post(keygate: &Keygate) -> Response {
@@ -195,7 +196,7 @@ fn tls_upstream_with_trusted_certificate() {
     make_ca(certificates.path(), "ca");
     make_server_certificate(certificates.path(), "ca");
     let upstream = HttpsUpstream::start(certificates.path());
-    let keygate = start_keygate(upstream.port, &certificates.path().join("ca.pem"));
+    let keygate = start_keygate(upstream.port, "", Some(&certificates.path().join("ca.pem")));
 
     let response = post(&keygate);
     assert_eq!(response.status, 201, "{}", keygate.output());
@@ -211,7 +212,11 @@ fn tls_upstream_with_untrusted_certificate_gives_502() {
     make_ca(certificates.path(), "other");
     make_server_certificate(certificates.path(), "ca");
     let upstream = HttpsUpstream::start(certificates.path());
-    let keygate = start_keygate(upstream.port, &certificates.path().join("other.pem"));
+    let keygate = start_keygate(
+        upstream.port,
+        "",
+        Some(&certificates.path().join("other.pem")),
+    );
 
     let response = post(&keygate);
     assert_eq!(response.status, 502);
@@ -219,5 +224,52 @@ fn tls_upstream_with_untrusted_certificate_gives_502() {
     assert!(
         upstream.lines.try_recv().is_err(),
         "no request may reach the upstream"
+    );
+}
+
+#[test]
+fn ca_file_replaces_the_system_roots() {
+    let certificates = tempfile::tempdir().unwrap();
+    make_ca(certificates.path(), "ca");
+    make_ca(certificates.path(), "other");
+    make_server_certificate(certificates.path(), "ca");
+    let upstream = HttpsUpstream::start(certificates.path());
+
+    let trusted = format!(
+        "ca_file = \"{}\"",
+        certificates.path().join("ca.pem").display()
+    );
+    let keygate = start_keygate(upstream.port, &trusted, None);
+    assert_eq!(post(&keygate).status, 201, "{}", keygate.output());
+    assert!(upstream.lines.recv_timeout(DEADLINE).is_ok());
+
+    let untrusted = format!(
+        "ca_file = \"{}\"",
+        certificates.path().join("other.pem").display()
+    );
+    let keygate = start_keygate(upstream.port, &untrusted, None);
+    let response = post(&keygate);
+    assert_eq!(response.status, 502);
+    assert_eq!(response.error_code(), "upstream_unavailable");
+}
+
+#[test]
+fn insecure_skip_verify_accepts_any_certificate_loudly() {
+    let certificates = tempfile::tempdir().unwrap();
+    make_ca(certificates.path(), "ca");
+    make_ca(certificates.path(), "other");
+    make_server_certificate(certificates.path(), "ca");
+    let upstream = HttpsUpstream::start(certificates.path());
+    let keygate = start_keygate(
+        upstream.port,
+        "insecure_skip_verify = true",
+        Some(&certificates.path().join("other.pem")),
+    );
+    assert_eq!(post(&keygate).status, 201, "{}", keygate.output());
+    assert!(upstream.lines.recv_timeout(DEADLINE).is_ok());
+    let output = keygate.output();
+    assert!(
+        output.contains("upstream TLS certificates are NOT verified"),
+        "{output}"
     );
 }

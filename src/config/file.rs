@@ -12,6 +12,8 @@ pub struct FileConfig {
     pub upstream: Spanned<UpstreamSection>,
     pub routes: Spanned<RoutesSection>,
     pub client_ip: Option<ClientIpSection>,
+    pub rate_limit: Option<Spanned<RateLimitSection>>,
+    pub limits: Option<LimitsSection>,
     pub shutdown: Option<ShutdownSection>,
     pub log: Option<LogSection>,
     pub metrics: Option<MetricsSection>,
@@ -36,6 +38,11 @@ pub struct UpstreamSection {
     pub sni: Option<Spanned<String>>,
     pub connect_timeout_ms: Option<Spanned<i64>>,
     pub read_timeout_ms: Option<Spanned<i64>>,
+    pub ca_file: Option<Spanned<String>>,
+    #[serde(default)]
+    pub insecure_skip_verify: bool,
+    pub authorization_env: Option<Spanned<String>>,
+    pub dns_refresh_seconds: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -49,6 +56,22 @@ pub struct RoutesSection {
 pub struct ClientIpSection {
     #[serde(default)]
     pub trusted_proxies: Vec<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitSection {
+    pub requests: Spanned<i64>,
+    pub per_seconds: Spanned<i64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsSection {
+    pub max_header_bytes: Option<Spanned<i64>>,
+    pub max_body_bytes: Option<Spanned<i64>>,
+    pub keepalive_timeout_seconds: Option<Spanned<i64>>,
+    pub drain_max_bytes: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -85,6 +108,7 @@ pub struct CampaignSection {
     pub allowed_ips: Vec<Spanned<String>>,
     #[serde(default)]
     pub allow_any_ip: bool,
+    pub rate_limit: Option<Spanned<RateLimitSection>>,
     #[serde(default)]
     pub keys: Vec<Spanned<KeySection>>,
 }
@@ -112,6 +136,8 @@ pub(super) mod schema {
         ("upstream", Child::Table(UPSTREAM)),
         ("routes", Child::Table(ROUTES)),
         ("client_ip", Child::Table(CLIENT_IP)),
+        ("rate_limit", Child::Table(RATE_LIMIT)),
+        ("limits", Child::Table(LIMITS)),
         ("shutdown", Child::Table(SHUTDOWN)),
         ("log", Child::Table(LOG)),
         ("metrics", Child::Table(METRICS)),
@@ -119,6 +145,14 @@ pub(super) mod schema {
         ("campaigns", Child::ArrayOfTables(CAMPAIGN)),
     ];
     const CLIENT_IP: &[(&str, Child)] = &[("trusted_proxies", Child::Value)];
+    const RATE_LIMIT: &[(&str, Child)] =
+        &[("requests", Child::Value), ("per_seconds", Child::Value)];
+    const LIMITS: &[(&str, Child)] = &[
+        ("max_header_bytes", Child::Value),
+        ("max_body_bytes", Child::Value),
+        ("keepalive_timeout_seconds", Child::Value),
+        ("drain_max_bytes", Child::Value),
+    ];
     const SHUTDOWN: &[(&str, Child)] = &[
         ("drain_delay_seconds", Child::Value),
         ("grace_period_seconds", Child::Value),
@@ -133,12 +167,17 @@ pub(super) mod schema {
         ("sni", Child::Value),
         ("connect_timeout_ms", Child::Value),
         ("read_timeout_ms", Child::Value),
+        ("ca_file", Child::Value),
+        ("insecure_skip_verify", Child::Value),
+        ("authorization_env", Child::Value),
+        ("dns_refresh_seconds", Child::Value),
     ];
     const ROUTES: &[(&str, Child)] = &[("campaign_paths", Child::Value)];
     const CAMPAIGN: &[(&str, Child)] = &[
         ("id", Child::Value),
         ("allowed_ips", Child::Value),
         ("allow_any_ip", Child::Value),
+        ("rate_limit", Child::Table(RATE_LIMIT)),
         ("keys", Child::ArrayOfTables(KEY)),
     ];
     const KEY: &[(&str, Child)] = &[

@@ -10,7 +10,7 @@ mod file;
 mod validate;
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -38,6 +38,7 @@ pub struct Config {
 pub struct Settings {
     pub listen: Listen,
     pub upstream: Upstream,
+    pub limits: Limits,
     pub shutdown: Shutdown,
     pub log: Log,
     pub metrics: Metrics,
@@ -59,6 +60,28 @@ pub struct Upstream {
     pub sni: String,
     pub connect_timeout: Duration,
     pub read_timeout: Duration,
+    /// A PEM file of CAs that replaces the system's for verifying the upstream.
+    pub ca_file: Option<PathBuf>,
+    /// Whether the upstream certificate goes unverified.
+    pub insecure_skip_verify: bool,
+    /// The environment variable whose value replaces the client's `Authorization`.
+    pub authorization_env: Option<String>,
+    /// How often a host name is resolved again.
+    pub dns_refresh: Duration,
+}
+
+/// Limits on what a client may send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// The maximum size of the request line and headers; larger gets 431.
+    pub max_header_bytes: usize,
+    /// The maximum request body size; larger gets 413.
+    pub max_body_bytes: u64,
+    /// How long an idle keep-alive connection stays open.
+    pub keepalive_timeout: Duration,
+    /// The most body bytes read and discarded after a rejection before the connection is
+    /// closed instead.
+    pub drain_max_bytes: u64,
 }
 
 /// What keygate does after SIGTERM.

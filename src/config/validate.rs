@@ -10,10 +10,12 @@ use toml::Spanned;
 use super::address::{is_any, parse_network};
 use super::error::Report;
 use super::file::{CampaignSection, FileConfig, KeySection, UpstreamSection};
-use super::file::{ClientIpSection, LogSection, ReloadSection, ShutdownSection};
-use super::{Listen, Log, LogFormat, Metrics, Reload, Settings, Shutdown, Upstream};
+use super::file::{
+    ClientIpSection, LimitsSection, LogSection, RateLimitSection, ReloadSection, ShutdownSection,
+};
+use super::{Limits, Listen, Log, LogFormat, Metrics, Reload, Settings, Shutdown, Upstream};
 use crate::table::{
-    Campaign, Environment, IpSet, KeyHash, KeyInfo, Route, Table, MAX_KEYS_PER_CAMPAIGN,
+    Campaign, Environment, IpSet, KeyHash, KeyInfo, RateLimit, Route, Table, MAX_KEYS_PER_CAMPAIGN,
 };
 
 const DEFAULT_CONNECT_TIMEOUT_MS: i64 = 2_000;
@@ -28,13 +30,15 @@ pub(super) fn build(file: FileConfig, report: &mut Report<'_>) -> Option<(Table,
     let upstream = upstream(&file.upstream, report);
     let routes = routes(&file.routes, report);
     let trusted_proxies = trusted_proxies(file.client_ip.as_ref(), report);
+    let limits = limits(file.limits.as_ref(), report);
+    let default_rate_limit = rate_limit(file.rate_limit.as_ref(), None, "rate_limit", report);
     let shutdown = shutdown(file.shutdown.as_ref(), report);
     let log = log(file.log.as_ref(), report);
     let metrics = Metrics {
         per_campaign: file.metrics.and_then(|m| m.per_campaign).unwrap_or(false),
     };
     let reload = reload(file.reload.as_ref(), report);
-    let campaigns = campaigns(&file.campaigns, report);
+    let campaigns = campaigns(&file.campaigns, default_rate_limit, report);
 
     if !report.errors.is_empty() {
         return None;
@@ -43,6 +47,7 @@ pub(super) fn build(file: FileConfig, report: &mut Report<'_>) -> Option<(Table,
     let settings = Settings {
         listen: listen?,
         upstream: upstream?,
+        limits: limits?,
         shutdown: shutdown?,
         log: log?,
         metrics,
@@ -157,17 +162,14 @@ fn upstream(section: &Spanned<UpstreamSection>, report: &mut Report<'_>) -> Opti
         "upstream.read_timeout_ms",
         report,
     );
-    if let Some(sni) = &section.sni {
-        if sni.get_ref().is_empty() || sni.get_ref().contains(char::is_whitespace) {
-            report.error(
-                sni.span(),
-                None,
-                "upstream.sni",
-                Some(sni.get_ref()),
-                "must be a host name without whitespace",
-            );
-        }
-    }
+    check_names(section, report);
+    let dns_refresh = seconds(
+        section.dns_refresh_seconds.as_ref(),
+        DEFAULT_DNS_REFRESH_SECONDS,
+        1,
+        "upstream.dns_refresh_seconds",
+        report,
+    );
     if report.errors.len() != errors_before {
         return None;
     }
@@ -183,7 +185,165 @@ fn upstream(section: &Spanned<UpstreamSection>, report: &mut Report<'_>) -> Opti
         sni,
         connect_timeout: connect_timeout?,
         read_timeout: read_timeout?,
+        ca_file: section.ca_file.as_ref().map(|p| p.get_ref().into()),
+        insecure_skip_verify: section.insecure_skip_verify,
+        authorization_env: section
+            .authorization_env
+            .as_ref()
+            .map(|n| n.get_ref().clone()),
+        dns_refresh: dns_refresh?,
     })
+}
+
+/// Checks the upstream fields that name things: the TLS name, the credential variable
+/// and the CA file.
+fn check_names(section: &UpstreamSection, report: &mut Report<'_>) {
+    if let Some(sni) = &section.sni {
+        if sni.get_ref().is_empty() || sni.get_ref().contains(char::is_whitespace) {
+            report.error(
+                sni.span(),
+                None,
+                "upstream.sni",
+                Some(sni.get_ref()),
+                "must be a host name without whitespace",
+            );
+        }
+    }
+    if let Some(name) = &section.authorization_env {
+        let valid = !name.get_ref().is_empty()
+            && name
+                .get_ref()
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_');
+        if !valid {
+            report.error(
+                name.span(),
+                None,
+                "upstream.authorization_env",
+                Some(name.get_ref()),
+                "must be the name of an environment variable: letters, digits and _",
+            );
+        }
+    }
+    if let Some(path) = &section.ca_file {
+        if path.get_ref().is_empty() {
+            report.error(
+                path.span(),
+                None,
+                "upstream.ca_file",
+                Some(path.get_ref()),
+                "must be the path of a PEM file",
+            );
+        }
+    }
+}
+
+const DEFAULT_DNS_REFRESH_SECONDS: i64 = 30;
+const DEFAULT_MAX_HEADER_BYTES: i64 = 32 * 1024;
+/// 50 MiB: the service accepts CSV uploads of up to 40 MB on its batch endpoint.
+const DEFAULT_MAX_BODY_BYTES: i64 = 50 * 1024 * 1024;
+const DEFAULT_KEEPALIVE_TIMEOUT_SECONDS: i64 = 60;
+const DEFAULT_DRAIN_MAX_BYTES: i64 = 64 * 1024;
+/// Pingora reads at most 1 MiB of request header.
+const MAX_HEADER_BYTES_LIMIT: i64 = 1024 * 1024 - 1;
+
+fn limits(section: Option<&LimitsSection>, report: &mut Report<'_>) -> Option<Limits> {
+    let max_header_bytes = bounded(
+        section.and_then(|s| s.max_header_bytes.as_ref()),
+        DEFAULT_MAX_HEADER_BYTES,
+        1024..=MAX_HEADER_BYTES_LIMIT,
+        "limits.max_header_bytes",
+        report,
+    );
+    let max_body_bytes = bounded(
+        section.and_then(|s| s.max_body_bytes.as_ref()),
+        DEFAULT_MAX_BODY_BYTES,
+        0..=i64::MAX,
+        "limits.max_body_bytes",
+        report,
+    );
+    let keepalive = seconds(
+        section.and_then(|s| s.keepalive_timeout_seconds.as_ref()),
+        DEFAULT_KEEPALIVE_TIMEOUT_SECONDS,
+        1,
+        "limits.keepalive_timeout_seconds",
+        report,
+    );
+    let drain_max_bytes = bounded(
+        section.and_then(|s| s.drain_max_bytes.as_ref()),
+        DEFAULT_DRAIN_MAX_BYTES,
+        0..=i64::MAX,
+        "limits.drain_max_bytes",
+        report,
+    );
+    Some(Limits {
+        max_header_bytes: max_header_bytes? as usize,
+        max_body_bytes: max_body_bytes? as u64,
+        keepalive_timeout: keepalive?,
+        drain_max_bytes: drain_max_bytes? as u64,
+    })
+}
+
+/// Reads an integer within `range`, or the default when it is absent.
+fn bounded(
+    value: Option<&Spanned<i64>>,
+    default: i64,
+    range: std::ops::RangeInclusive<i64>,
+    field: &str,
+    report: &mut Report<'_>,
+) -> Option<i64> {
+    let Some(value) = value else {
+        return Some(default);
+    };
+    let number = *value.get_ref();
+    if !range.contains(&number) {
+        report.error(
+            value.span(),
+            None,
+            field,
+            Some(&number.to_string()),
+            format!("must be between {} and {}", range.start(), range.end()),
+        );
+        return None;
+    }
+    Some(number)
+}
+
+/// The maximum requests per window of a rate limit, and the maximum window.
+const MAX_RATE_REQUESTS: i64 = 1_000_000;
+const MAX_RATE_SECONDS: i64 = 86_400;
+
+fn rate_limit(
+    section: Option<&Spanned<RateLimitSection>>,
+    campaign: Option<&str>,
+    field: &str,
+    report: &mut Report<'_>,
+) -> Option<RateLimit> {
+    let section = section?.get_ref();
+    let requests = *section.requests.get_ref();
+    let per_seconds = *section.per_seconds.get_ref();
+    let mut valid = true;
+    if !(1..=MAX_RATE_REQUESTS).contains(&requests) {
+        report.error(
+            section.requests.span(),
+            campaign,
+            format!("{field}.requests"),
+            Some(&requests.to_string()),
+            format!("must be between 1 and {MAX_RATE_REQUESTS}"),
+        );
+        valid = false;
+    }
+    if !(1..=MAX_RATE_SECONDS).contains(&per_seconds) {
+        report.error(
+            section.per_seconds.span(),
+            campaign,
+            format!("{field}.per_seconds"),
+            Some(&per_seconds.to_string()),
+            format!("must be between 1 and {MAX_RATE_SECONDS} seconds"),
+        );
+        valid = false;
+    }
+    valid.then(|| RateLimit::new(requests as u32, Duration::from_secs(per_seconds as u64)))
 }
 
 /// Splits `host:port`, where an IPv6 host is written in brackets.
@@ -375,7 +535,11 @@ fn routes(section: &Spanned<super::file::RoutesSection>, report: &mut Report<'_>
 /// The first key seen with a digest: its campaign id, key id and line.
 type HashOwners<'a> = HashMap<KeyHash, (&'a str, &'a str, usize)>;
 
-fn campaigns(sections: &[Spanned<CampaignSection>], report: &mut Report<'_>) -> Vec<Campaign> {
+fn campaigns(
+    sections: &[Spanned<CampaignSection>],
+    default_rate_limit: Option<RateLimit>,
+    report: &mut Report<'_>,
+) -> Vec<Campaign> {
     let mut first_line_of_id: HashMap<&str, usize> = HashMap::with_capacity(sections.len());
     let mut owner_of_hash: HashOwners<'_> =
         HashMap::with_capacity(sections.len() * MAX_KEYS_PER_CAMPAIGN);
@@ -407,10 +571,17 @@ fn campaigns(sections: &[Spanned<CampaignSection>], report: &mut Report<'_>) -> 
         }
         let networks = allowlist(section, &field, report);
         let keys = keys(section, &field, &mut owner_of_hash, report);
+        let own_rate_limit = rate_limit(
+            section.rate_limit.as_ref(),
+            Some(id),
+            &format!("{field}.rate_limit"),
+            report,
+        );
         campaigns.push(Campaign {
             id: id.into(),
             networks,
             keys,
+            rate_limit: own_rate_limit.or(default_rate_limit),
         });
     }
     campaigns

@@ -7,38 +7,49 @@
 mod headers;
 mod respond;
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
+use bytes::Bytes;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::*;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{ErrorSource, ErrorType};
 
+use crate::config::Limits;
 use crate::lifecycle::{InFlight, Lifecycle};
 use crate::metrics::{Metrics, RequestOutcome};
+use crate::rate_limit::{retry_after_seconds, RateLimiter};
 use crate::table::{client_ip, decide, Decision, Denial, Grant, RequestFacts, Table};
+use crate::upstream::UpstreamAddresses;
 pub use headers::is_reserved;
 use headers::RawAuthorization;
-pub use respond::{error_body, ErrorReply, MAX_DRAIN_BYTES};
+pub use respond::{error_body, ErrorReply};
 
-/// The upstream that allowed requests go to, resolved at start.
+/// The upstream that allowed requests go to.
 #[derive(Debug, Clone)]
 pub struct UpstreamPeer {
-    pub address: SocketAddr,
+    pub addresses: Arc<UpstreamAddresses>,
     pub tls: bool,
     pub sni: String,
+    /// Whether the upstream certificate and its name are verified.
+    pub verify: bool,
     pub connect_timeout: Duration,
     pub read_timeout: Duration,
+    /// The `Authorization` value that replaces the client's, marked sensitive so that
+    /// `Debug` does not print it.
+    pub authorization: Option<http::HeaderValue>,
 }
 
 /// The proxy application.
 pub struct Keygate {
     pub table: Arc<ArcSwap<Table>>,
     pub upstream: UpstreamPeer,
+    pub limits: Limits,
+    pub rate_limiter: RateLimiter,
     pub metrics: Arc<Metrics>,
     pub lifecycle: Arc<Lifecycle>,
     /// Whether a log line is written for every request.
@@ -69,6 +80,10 @@ pub struct RequestContext {
     grant: Option<Grant>,
     outcome: Outcome,
     upstream_status: Option<u16>,
+    /// Request body bytes read so far, for the body size limit.
+    body_bytes: u64,
+    /// Failed attempts to connect to the upstream.
+    connect_attempts: usize,
     started: Instant,
     _in_flight: InFlight,
 }
@@ -86,6 +101,8 @@ impl ProxyHttp for Keygate {
             grant: None,
             outcome: Outcome::Pending,
             upstream_status: None,
+            body_bytes: 0,
+            connect_attempts: 0,
             started: Instant::now(),
             _in_flight: self.lifecycle.track_request(),
         }
@@ -122,20 +139,57 @@ impl ProxyHttp for Keygate {
         let decision_started = Instant::now();
         let decision = decide(&table, &facts);
         self.metrics.observe_decision(decision_started.elapsed());
-        ctx.table = Some(table);
 
-        match decision {
-            Decision::Allow(grant) => {
+        session.set_keepalive(Some(self.limits.keepalive_timeout.as_secs()));
+
+        // Size limits come first, and only an allowed request takes from the budget.
+        let outcome = match (self.check_size(session), decision) {
+            (Some(denial), _) | (None, Decision::Deny(denial)) => Err((denial, None)),
+            (None, Decision::Allow(grant)) => match self.check_rate_limit(&table, grant) {
+                Ok(()) => Ok(grant),
+                Err(wait) => Err((Denial::TooManyRequests, Some(retry_after_seconds(wait)))),
+            },
+        };
+        ctx.table = Some(table);
+        match outcome {
+            Ok(grant) => {
                 ctx.grant = Some(grant);
                 ctx.outcome = Outcome::Allowed;
                 Ok(false)
             }
-            Decision::Deny(denial) => {
+            Err((denial, retry_after)) => {
                 ctx.outcome = Outcome::Rejected(denial);
-                respond::reject(session, &reply_for(denial), &ctx.request_id).await?;
+                let mut reply = reply_for(denial);
+                reply.retry_after = retry_after;
+                respond::reject(
+                    session,
+                    &reply,
+                    &ctx.request_id,
+                    self.limits.drain_max_bytes,
+                )
+                .await?;
                 Ok(true)
             }
         }
+    }
+
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut RequestContext,
+    ) -> Result<()> {
+        ctx.body_bytes += body.as_ref().map_or(0, |chunk| chunk.len() as u64);
+        if ctx.body_bytes > self.limits.max_body_bytes {
+            // A body without Content-Length passed the check in request_filter; the
+            // request is cut off here and the client gets 413 if no response started.
+            return Error::e_explain(
+                ErrorType::HTTPStatus(413),
+                "request body over the size limit",
+            );
+        }
+        Ok(())
     }
 
     async fn upstream_peer(
@@ -144,7 +198,13 @@ impl ProxyHttp for Keygate {
         _ctx: &mut RequestContext,
     ) -> Result<Box<HttpPeer>> {
         let upstream = &self.upstream;
-        let mut peer = HttpPeer::new(upstream.address, upstream.tls, upstream.sni.clone());
+        let mut peer = HttpPeer::new(
+            upstream.addresses.pick(),
+            upstream.tls,
+            upstream.sni.clone(),
+        );
+        peer.options.verify_cert = upstream.verify;
+        peer.options.verify_hostname = upstream.verify;
         peer.options.connection_timeout = Some(upstream.connect_timeout);
         peer.options.total_connection_timeout = Some(upstream.connect_timeout);
         peer.options.read_timeout = Some(upstream.read_timeout);
@@ -173,6 +233,9 @@ impl ProxyHttp for Keygate {
         request.insert_header("X-Request-Id", &ctx.request_id)?;
         let client_ip = ctx.client_ip.map(|ip| ip.to_string()).unwrap_or_default();
         request.insert_header("X-Forwarded-For", client_ip)?;
+        if let Some(authorization) = &self.upstream.authorization {
+            request.insert_header(http::header::AUTHORIZATION, authorization.clone())?;
+        }
         Ok(())
     }
 
@@ -191,12 +254,24 @@ impl ProxyHttp for Keygate {
     fn fail_to_connect(
         &self,
         _session: &mut Session,
-        _peer: &HttpPeer,
-        _ctx: &mut RequestContext,
+        peer: &HttpPeer,
+        ctx: &mut RequestContext,
         mut error: Box<Error>,
     ) -> Box<Error> {
-        // Fail fast: a request is never queued or tried again.
-        error.set_retry(false);
+        // Nothing was sent when a connection could not be made, so the next address of
+        // the upstream may be tried, once each. A failed TLS handshake is not retried.
+        // NOTE: no end-to-end test covers this, because loopback names resolve to one
+        // address on the test machines; the unit tests cover the address rotation.
+        ctx.connect_attempts += 1;
+        let refused = matches!(
+            error.etype(),
+            ErrorType::ConnectRefused | ErrorType::ConnectNoRoute | ErrorType::ConnectTimedout
+        );
+        let retry = refused && ctx.connect_attempts < self.upstream.addresses.all().len();
+        if retry {
+            tracing::debug!(request.id = %ctx.request_id, peer = %peer, error = %error, "upstream address failed; trying the next one");
+        }
+        error.set_retry(retry);
         error
     }
 
@@ -225,6 +300,7 @@ impl ProxyHttp for Keygate {
         if let Some(reply) = reply {
             ctx.outcome = match error.esource() {
                 ErrorSource::Upstream => Outcome::UpstreamError(reply.code),
+                _ if reply.status == 413 => Outcome::Rejected(Denial::PayloadTooLarge),
                 _ if ctx.outcome == Outcome::Pending => Outcome::ClientError(reply.code),
                 _ => ctx.outcome,
             };
@@ -310,6 +386,35 @@ pub fn reply_for(denial: Denial) -> ErrorReply {
         error_type: denial.error_type(),
         message: denial.message(),
         challenge,
+        retry_after: None,
+    }
+}
+
+impl Keygate {
+    /// Takes the request from its campaign's rate limit, if the campaign has one, or
+    /// returns how long until the budget allows it.
+    fn check_rate_limit(&self, table: &Table, grant: Grant) -> std::result::Result<(), Duration> {
+        let campaign = table.campaign(grant.campaign);
+        match campaign.rate_limit {
+            Some(limit) => self.rate_limiter.check(&campaign.id, limit, Instant::now()),
+            None => Ok(()),
+        }
+    }
+
+    /// Returns the denial for a request whose header or declared body is over the limits.
+    fn check_size(&self, session: &Session) -> Option<Denial> {
+        if session.as_downstream().to_h1_raw().len() > self.limits.max_header_bytes {
+            return Some(Denial::HeaderTooLarge);
+        }
+        let length = session
+            .req_header()
+            .headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|text| text.parse::<u64>().ok());
+        length
+            .filter(|&length| length > self.limits.max_body_bytes)
+            .map(|_| Denial::PayloadTooLarge)
     }
 }
 
@@ -323,7 +428,11 @@ fn failure_reply(error: &Error) -> Option<ErrorReply> {
         error_type,
         message,
         challenge: None,
+        retry_after: None,
     };
+    if matches!(error.etype(), HTTPStatus(413)) {
+        return Some(reply_for(Denial::PayloadTooLarge));
+    }
     match (error.esource(), error.etype()) {
         (ErrorSource::Upstream, ConnectTimedout | ReadTimedout | WriteTimedout | TLSHandshakeTimedout) => Some(reply(
             504,

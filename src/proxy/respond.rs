@@ -7,10 +7,6 @@ use pingora::http::ResponseHeader;
 use pingora::proxy::Session;
 use pingora::Result;
 
-/// The maximum number of body bytes that keygate reads and discards after a rejection to
-/// keep the connection alive. A longer or unsized body closes the connection instead.
-pub const MAX_DRAIN_BYTES: u64 = 64 * 1024;
-
 /// An error response: status, code, type and message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ErrorReply {
@@ -20,6 +16,8 @@ pub struct ErrorReply {
     pub message: &'static str,
     /// The `WWW-Authenticate` challenge, for 401 responses.
     pub challenge: Option<&'static str>,
+    /// The `Retry-After` value in seconds, for 429 responses.
+    pub retry_after: Option<u64>,
 }
 
 /// Renders the JSON body of an error response.
@@ -44,15 +42,23 @@ fn error_header(reply: &ErrorReply, request_id: &str, body_len: usize) -> Result
     if let Some(challenge) = reply.challenge {
         response.insert_header(header::WWW_AUTHENTICATE, challenge)?;
     }
+    if let Some(seconds) = reply.retry_after {
+        response.insert_header(header::RETRY_AFTER, seconds.to_string())?;
+    }
     Ok(response)
 }
 
 /// Sends the error response for a request that will not go upstream.
 ///
-/// A small request body is read and discarded first, so the client can reuse the
-/// connection. A body over `MAX_DRAIN_BYTES`, or one without a length, closes it.
-pub async fn reject(session: &mut Session, reply: &ErrorReply, request_id: &str) -> Result<()> {
-    if should_drain(session) {
+/// A request body of at most `drain_max_bytes` is read and discarded first, so the
+/// client can reuse the connection. A larger body, or one without a length, closes it.
+pub async fn reject(
+    session: &mut Session,
+    reply: &ErrorReply,
+    request_id: &str,
+    drain_max_bytes: u64,
+) -> Result<()> {
+    if should_drain(session, drain_max_bytes) {
         if session.drain_request_body().await.is_err() {
             session.set_keepalive(None);
         }
@@ -80,7 +86,7 @@ async fn write(session: &mut Session, reply: &ErrorReply, request_id: &str) -> R
 }
 
 /// Returns whether the unread request body is small enough to drain.
-fn should_drain(session: &Session) -> bool {
+fn should_drain(session: &Session, drain_max_bytes: u64) -> bool {
     let headers = &session.req_header().headers;
     if headers.contains_key(header::TRANSFER_ENCODING) {
         return false;
@@ -91,7 +97,7 @@ fn should_drain(session: &Session) -> bool {
             .to_str()
             .ok()
             .and_then(|text| text.parse::<u64>().ok())
-            .is_some_and(|length| length <= MAX_DRAIN_BYTES),
+            .is_some_and(|length| length <= drain_max_bytes),
     }
 }
 
@@ -107,6 +113,7 @@ mod tests {
             error_type: "authentication_error",
             message: "The key is \"bad\".",
             challenge: None,
+            retry_after: None,
         };
         let body: serde_json::Value = serde_json::from_slice(&error_body(&reply, "req_1")).unwrap();
         assert_eq!(

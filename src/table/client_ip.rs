@@ -10,7 +10,7 @@ use super::IpSet;
 ///
 /// From an untrusted peer the headers are ignored. From a trusted peer the list is read
 /// from the right, trusted addresses are skipped, and the first untrusted address is the
-/// client; when every address is trusted, the leftmost one is. A missing or empty list, or
+/// client. When every address is trusted, the leftmost one is the client. A missing or empty list, or
 /// one with an entry that is not a plain IP address, makes the peer the client.
 pub fn client_ip<'h>(
     peer: IpAddr,
@@ -108,7 +108,7 @@ mod tests {
     }
 
     #[test]
-    fn malformed_or_empty_header_makes_the_peer_the_client() {
+    fn malformed_header_falls_back_to_peer() {
         let proxies = trusted(&["10.0.0.0/8"]);
         for headers in [
             &[][..],

@@ -65,6 +65,12 @@ pub enum Denial {
     CallerNotAllowedForKey,
     /// The campaign in the path is not the key's campaign.
     CampaignNotAllowed,
+    /// The campaign used up its rate limit. The rate limiter returns it, never `decide`.
+    TooManyRequests,
+    /// The request header is larger than the limit. The proxy returns it, never `decide`.
+    HeaderTooLarge,
+    /// The request body is larger than the limit. The proxy returns it, never `decide`.
+    PayloadTooLarge,
 }
 
 impl Denial {
@@ -77,6 +83,9 @@ impl Denial {
                 403
             }
             Denial::NoRoute => 404,
+            Denial::PayloadTooLarge => 413,
+            Denial::TooManyRequests => 429,
+            Denial::HeaderTooLarge => 431,
         }
     }
 
@@ -89,13 +98,20 @@ impl Denial {
             Denial::MissingKey => "authentication_required",
             Denial::InvalidKey => "invalid_api_key_provided",
             Denial::CampaignNotAllowed => "campaign_not_allowed",
+            Denial::TooManyRequests => "too_many_requests",
+            Denial::HeaderTooLarge => "request_header_fields_too_large",
+            Denial::PayloadTooLarge => "payload_too_large",
         }
     }
 
     /// Returns the error type, a coarse class of the code.
     pub fn error_type(self) -> &'static str {
         match self {
-            Denial::InvalidPath | Denial::NoRoute => "invalid_request_error",
+            Denial::InvalidPath
+            | Denial::NoRoute
+            | Denial::HeaderTooLarge
+            | Denial::PayloadTooLarge => "invalid_request_error",
+            Denial::TooManyRequests => "rate_limit_error",
             Denial::MissingKey | Denial::InvalidKey => "authentication_error",
             Denial::UnknownCaller | Denial::CallerNotAllowedForKey | Denial::CampaignNotAllowed => {
                 "permission_error"
@@ -119,6 +135,11 @@ impl Denial {
             }
             Denial::InvalidKey => "The API key provided is invalid, expired or for another environment.",
             Denial::CampaignNotAllowed => "This API key does not belong to the campaign in the request path.",
+            Denial::TooManyRequests => {
+                "The campaign sent more requests than its rate limit allows. Retry after the number of seconds in the Retry-After header."
+            }
+            Denial::HeaderTooLarge => "The request header is larger than this API accepts.",
+            Denial::PayloadTooLarge => "The request body is larger than this API accepts.",
         }
     }
 }

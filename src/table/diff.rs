@@ -35,7 +35,9 @@ impl TableDiff {
                     diff.add_keys(campaign, None);
                 }
                 Some(previous)
-                    if previous.networks != campaign.networks || previous.keys != campaign.keys =>
+                    if previous.networks != campaign.networks
+                        || previous.keys != campaign.keys
+                        || previous.rate_limit != campaign.rate_limit =>
                 {
                     diff.campaigns_changed.push(campaign.id.to_string());
                     diff.add_keys(campaign, Some(previous));
@@ -111,6 +113,7 @@ mod tests {
                     expires_at: None,
                 })
                 .collect(),
+            rate_limit: None,
         }
     }
 

@@ -29,6 +29,21 @@ pub struct Campaign {
     pub id: Box<str>,
     pub networks: IpSet,
     pub keys: Vec<KeyInfo>,
+    /// The campaign's own limit, or the file's default; `None` for no limit.
+    pub rate_limit: Option<RateLimit>,
+}
+
+/// A request rate limit: `requests` per `period`, shared by a campaign's keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimit {
+    pub requests: u32,
+    pub period: std::time::Duration,
+}
+
+impl RateLimit {
+    pub fn new(requests: u32, period: std::time::Duration) -> Self {
+        Self { requests, period }
+    }
 }
 
 /// The stored facts of a key: its id, digest and expiry, never the key itself.

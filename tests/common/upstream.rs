@@ -39,7 +39,12 @@ pub struct Upstream {
 
 impl Upstream {
     pub fn start() -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        Self::start_on("127.0.0.1:0".parse().unwrap())
+    }
+
+    /// Starts the upstream on `address`; port 0 picks a free port.
+    pub fn start_on(address: SocketAddr) -> Self {
+        let listener = TcpListener::bind(address).unwrap();
         let address = listener.local_addr().unwrap();
         let received = Arc::new(Mutex::new(Vec::new()));
         let store = Arc::clone(&received);

@@ -25,6 +25,7 @@ fn campaign(id: &str, networks: &[&str], keys: &[(&str, &str, Option<i64>)]) -> 
                 expires_at,
             })
             .collect(),
+        rate_limit: None,
     }
 }
 
