@@ -181,6 +181,17 @@ fn start_keygate(upstream_port: u16, upstream_lines: &str, roots: Option<&Path>)
     Keygate::start_with_env(dir, config_path, listen, &env)
 }
 
+/// Makes the CAs `ca` and `other`, a server certificate from `ca`, and starts the HTTPS
+/// upstream with it.
+fn upstream_with_two_cas() -> (tempfile::TempDir, HttpsUpstream) {
+    let certificates = tempfile::tempdir().unwrap();
+    make_ca(certificates.path(), "ca");
+    make_ca(certificates.path(), "other");
+    make_server_certificate(certificates.path(), "ca");
+    let upstream = HttpsUpstream::start(certificates.path());
+    (certificates, upstream)
+}
+
 fn post(keygate: &Keygate) -> Response {
     let auth = format!("Bearer {KEY_A}");
     send(
@@ -207,11 +218,7 @@ fn tls_upstream_with_trusted_certificate() {
 
 #[test]
 fn tls_upstream_with_untrusted_certificate_gives_502() {
-    let certificates = tempfile::tempdir().unwrap();
-    make_ca(certificates.path(), "ca");
-    make_ca(certificates.path(), "other");
-    make_server_certificate(certificates.path(), "ca");
-    let upstream = HttpsUpstream::start(certificates.path());
+    let (certificates, upstream) = upstream_with_two_cas();
     let keygate = start_keygate(
         upstream.port,
         "",
@@ -229,11 +236,7 @@ fn tls_upstream_with_untrusted_certificate_gives_502() {
 
 #[test]
 fn ca_file_replaces_the_system_roots() {
-    let certificates = tempfile::tempdir().unwrap();
-    make_ca(certificates.path(), "ca");
-    make_ca(certificates.path(), "other");
-    make_server_certificate(certificates.path(), "ca");
-    let upstream = HttpsUpstream::start(certificates.path());
+    let (certificates, upstream) = upstream_with_two_cas();
 
     let trusted = format!(
         "ca_file = \"{}\"",
@@ -255,11 +258,7 @@ fn ca_file_replaces_the_system_roots() {
 
 #[test]
 fn insecure_skip_verify_accepts_any_certificate_loudly() {
-    let certificates = tempfile::tempdir().unwrap();
-    make_ca(certificates.path(), "ca");
-    make_ca(certificates.path(), "other");
-    make_server_certificate(certificates.path(), "ca");
-    let upstream = HttpsUpstream::start(certificates.path());
+    let (certificates, upstream) = upstream_with_two_cas();
     let keygate = start_keygate(
         upstream.port,
         "insecure_skip_verify = true",
