@@ -75,8 +75,35 @@ pub struct Reloader {
     metrics: Arc<Metrics>,
     startup: Settings,
     status: Arc<ReloadStatus>,
+    versions: Mutex<Versions>,
+}
+
+/// The versions of the file that keygate has seen.
+#[derive(Debug, Clone)]
+struct Versions {
     /// The SHA-256 of the file behind the table in force.
-    applied: Mutex<[u8; 32]>,
+    applied: [u8; 32],
+    /// The last version that was rejected, so that the timer does not report it again.
+    rejected: Option<Rejected>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Rejected {
+    Content([u8; 32]),
+    Unreadable(String),
+}
+
+/// What reading the file found.
+enum ReadOutcome {
+    /// The file holds the version in force.
+    Unchanged,
+    /// The file holds the version that was last rejected.
+    StillRejected,
+    /// The file changed while it was read; the change event that follows reads it again.
+    Changing,
+    Unreadable(String),
+    Invalid([u8; 32], Vec<String>),
+    Valid([u8; 32], Box<config::Config>),
 }
 
 impl Reloader {
@@ -97,7 +124,10 @@ impl Reloader {
             metrics,
             startup,
             status,
-            applied: Mutex::new(digest),
+            versions: Mutex::new(Versions {
+                applied: digest,
+                rejected: None,
+            }),
         }
     }
 
@@ -106,24 +136,42 @@ impl Reloader {
         Arc::clone(&self.status)
     }
 
-    /// Reads the file and swaps in its table if it changed and is valid. `force` applies
-    /// the file even when its content is the same as the table in force.
+    /// Reads the file and swaps in its table if it changed and is valid. SIGHUP reports a
+    /// rejected version again, where the watcher and the timer stay quiet about it.
     async fn reload(&self, trigger: Trigger) -> ReloadResult {
         let path = self.path.clone();
         let force = trigger == Trigger::Signal;
-        let applied = *self.applied.lock().unwrap_or_else(|e| e.into_inner());
-        let loaded =
-            tokio::task::spawn_blocking(move || read_new_version(&path, applied, force)).await;
-        let (digest, loaded) = match loaded {
-            Ok(Ok(Some(version))) => version,
-            Ok(Ok(None)) => return ReloadResult::Unchanged,
-            Ok(Err(problems)) => {
-                self.metrics.record_rejected_reload();
-                self.log_rejection(trigger, &problems);
-                return ReloadResult::Rejected;
-            }
+        let known = self
+            .versions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let read =
+            tokio::task::spawn_blocking(move || read_new_version(&path, &known, force)).await;
+        let read = match read {
+            Ok(read) => read,
             Err(join_error) => {
                 tracing::error!(error = %join_error, "config reload task failed");
+                return ReloadResult::Rejected;
+            }
+        };
+        let (digest, loaded) = match read {
+            ReadOutcome::Valid(digest, loaded) => (digest, loaded),
+            ReadOutcome::Unchanged => {
+                self.log_unchanged(trigger);
+                return ReloadResult::Unchanged;
+            }
+            ReadOutcome::StillRejected => return ReloadResult::Unchanged,
+            ReadOutcome::Changing => {
+                tracing::debug!(config.path = %self.path.display(), "config file changed while it was read");
+                return ReloadResult::Unchanged;
+            }
+            ReadOutcome::Unreadable(problem) => {
+                self.reject(trigger, Rejected::Unreadable(problem.clone()), &[problem]);
+                return ReloadResult::Rejected;
+            }
+            ReadOutcome::Invalid(digest, problems) => {
+                self.reject(trigger, Rejected::Content(digest), &problems);
                 return ReloadResult::Rejected;
             }
         };
@@ -134,10 +182,14 @@ impl Reloader {
                 "settings changed that take effect only after a restart; the table is reloaded and the rest is kept as it was",
             );
         }
+        let loaded = *loaded;
         let diff = TableDiff::between(&self.table.load(), &loaded.table);
         let table = Arc::new(loaded.table);
         self.table.store(Arc::clone(&table));
-        *self.applied.lock().unwrap_or_else(|e| e.into_inner()) = digest;
+        *self.versions.lock().unwrap_or_else(|e| e.into_inner()) = Versions {
+            applied: digest,
+            rejected: None,
+        };
         let generation = self.status.generation.fetch_add(1, Ordering::Relaxed) + 1;
         self.metrics.record_table(&table, generation, true);
         tracing::info!(
@@ -156,7 +208,17 @@ impl Reloader {
         ReloadResult::Applied
     }
 
-    fn log_rejection(&self, trigger: Trigger, problems: &[String]) {
+    /// Counts and logs a rejected version, unless the same rejection was already reported
+    /// and no SIGHUP asks for it again.
+    fn reject(&self, trigger: Trigger, rejected: Rejected, problems: &[String]) {
+        {
+            let mut versions = self.versions.lock().unwrap_or_else(|e| e.into_inner());
+            if versions.rejected.as_ref() == Some(&rejected) && trigger != Trigger::Signal {
+                return;
+            }
+            versions.rejected = Some(rejected);
+        }
+        self.metrics.record_rejected_reload();
         for problem in problems {
             tracing::warn!(config.path = %self.path.display(), error = %problem, "config file problem");
         }
@@ -167,6 +229,26 @@ impl Reloader {
             errors = problems.len(),
             "configuration rejected; the table in force keeps serving",
         );
+    }
+
+    /// Logs that the file holds the version in force, when that is news: after a
+    /// rejected version, or on SIGHUP.
+    fn log_unchanged(&self, trigger: Trigger) {
+        let was_rejected = self
+            .versions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .rejected
+            .take()
+            .is_some();
+        if was_rejected || trigger == Trigger::Signal {
+            tracing::info!(
+                config.path = %self.path.display(),
+                config.generation = self.status.generation(),
+                reload.trigger = trigger.as_str(),
+                "config file holds the configuration in force; nothing to reload",
+            );
+        }
     }
 
     /// Starts watching the directories that a change of the file can show up in.
@@ -311,11 +393,14 @@ impl Watch {
     /// directories that no longer lead to the file (an old ConfigMap version).
     fn refresh(&mut self, path: &Path) {
         let mut wanted: Vec<PathBuf> = Vec::new();
+        // Directories are compared in canonical form: one directory under two names would
+        // share one inotify watch, and unwatching either name would end both.
         let mut add = |file: &Path| {
             let directory = match file.parent() {
                 Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
                 _ => PathBuf::from("."),
             };
+            let directory = std::fs::canonicalize(&directory).unwrap_or(directory);
             if !wanted.contains(&directory) {
                 wanted.push(directory);
             }
@@ -347,37 +432,45 @@ impl Watch {
     }
 }
 
-/// Reads the file and, if its content differs from `applied` (or `force` is set),
-/// parses and validates it. Returns the new version, `None` when nothing changed, or
-/// every problem found.
-fn read_new_version(
-    path: &Path,
-    applied: [u8; 32],
-    force: bool,
-) -> Result<Option<([u8; 32], config::Config)>, Vec<String>> {
-    let bytes = std::fs::read(path)
-        .map_err(|error| vec![format!("failed to read {}: {error}", path.display())])?;
+/// Reads the file and, if its content is new, parses and validates it.
+fn read_new_version(path: &Path, known: &Versions, force: bool) -> ReadOutcome {
+    let bytes = match std::fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(error) => {
+            return ReadOutcome::Unreadable(format!("failed to read {}: {error}", path.display()))
+        }
+    };
     let digest: [u8; 32] = Sha256::digest(&bytes).into();
-    if digest == applied && !force {
-        return Ok(None);
+    if digest == known.applied {
+        return ReadOutcome::Unchanged;
     }
-    let text = String::from_utf8(bytes)
-        .map_err(|_| vec![format!("{}: the file is not valid UTF-8", path.display())])?;
+    if known.rejected == Some(Rejected::Content(digest)) && !force {
+        return ReadOutcome::StillRejected;
+    }
+    let Ok(text) = String::from_utf8(bytes) else {
+        return ReadOutcome::Invalid(
+            digest,
+            vec![format!("{}: the file is not valid UTF-8", path.display())],
+        );
+    };
     if text.trim().is_empty() {
-        return Err(vec![format!("{}: the file is empty", path.display())]);
+        return ReadOutcome::Invalid(
+            digest,
+            vec![format!("{}: the file is empty", path.display())],
+        );
     }
-    let loaded = config::parse(&path.display().to_string(), &text)
-        .map_err(|errors| errors.0.iter().map(ToString::to_string).collect::<Vec<_>>())?;
+    let loaded = match config::parse(&path.display().to_string(), &text) {
+        Ok(loaded) => loaded,
+        Err(errors) => {
+            return ReadOutcome::Invalid(digest, errors.0.iter().map(ToString::to_string).collect())
+        }
+    };
     // A writer may still be at work: apply the version only if the file still contains it.
-    let again = std::fs::read(path)
-        .map_err(|error| vec![format!("failed to read {}: {error}", path.display())])?;
-    if <[u8; 32]>::from(Sha256::digest(&again)) != digest {
-        return Err(vec![format!(
-            "{}: the file changed while it was read; the next change event reads it again",
-            path.display()
-        )]);
+    let again = std::fs::read(path).map(|bytes| <[u8; 32]>::from(Sha256::digest(&bytes)));
+    if again.ok() != Some(digest) {
+        return ReadOutcome::Changing;
     }
-    Ok(Some((digest, loaded)))
+    ReadOutcome::Valid(digest, Box::new(loaded))
 }
 
 /// Names the settings that differ, for the restart warning.

@@ -156,7 +156,7 @@ fn per_campaign_metrics_carry_the_campaign() {
 
 #[test]
 fn failed_reload_counts_and_keeps_generation() {
-    let operated = start("");
+    let operated = start("[reload]\ninterval_seconds = 1");
     let path = &operated.keygate.config_path;
     replace_file(path, &operated.base.replacen("\"::1\"", "\"::1/129\"", 1));
     let rejected = "keygate_config_reloads_total{result=\"rejected\"}";
@@ -164,7 +164,10 @@ fn failed_reload_counts_and_keeps_generation() {
         || sample(&admin_get(operated.admin, "/metrics").1, rejected) == Some(1.0),
         rejected,
     );
+    // The timer reads the same invalid file again every second without counting it.
+    std::thread::sleep(Duration::from_millis(2500));
     let metrics = admin_get(operated.admin, "/metrics").1;
+    assert_eq!(sample(&metrics, rejected), Some(1.0));
     assert_eq!(sample(&metrics, "keygate_config_generation"), Some(1.0));
     assert_eq!(
         sample(&metrics, "keygate_config_reloads_total{result=\"applied\"}"),

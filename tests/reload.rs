@@ -134,6 +134,34 @@ fn editor_saves_and_in_place_writes_are_applied() {
     wait_for_key_swap(&keygate, KEY_NEW, KEY_A);
 }
 
+/// A config path relative to the working directory, deleted and created again after a
+/// pause, is still watched.
+#[test]
+fn relative_path_survives_delete_and_recreate() {
+    let (_upstream, keygate, base) = start(|dir, base| {
+        let slow_timer = base.replacen(
+            "[routes]",
+            "[reload]\ninterval_seconds = 3600\n\n[routes]",
+            1,
+        );
+        std::fs::write(dir.join("keygate.toml"), slow_timer).unwrap();
+        std::path::PathBuf::from("keygate.toml")
+    });
+    let path = keygate.dir.path().join("keygate.toml");
+    let slow_timer = base.replacen(
+        "[routes]",
+        "[reload]\ninterval_seconds = 3600\n\n[routes]",
+        1,
+    );
+    std::fs::remove_file(&path).unwrap();
+    keygate.wait_for_output("failed to read");
+    std::fs::write(&path, config_with_primary(&slow_timer, KEY_NEW)).unwrap();
+    wait_for_key_swap(&keygate, KEY_NEW, KEY_A);
+    std::fs::write(&path, config_with_primary(&slow_timer, KEY_NEWER)).unwrap();
+    wait_for_key_swap(&keygate, KEY_NEWER, KEY_NEW);
+    assert!(!keygate.stdout().contains("\"reload.trigger\":\"timer\""));
+}
+
 /// A client that sends a valid request every 10 ms and records every status it gets.
 struct SteadyClient {
     stop: Arc<AtomicBool>,
@@ -270,6 +298,11 @@ fn sighup_applies_unseen_change() {
     keygate.signal("HUP");
     wait_for_key_swap(&keygate, KEY_NEW, KEY_A);
     assert!(keygate.stdout().contains("\"reload.trigger\":\"signal\""));
+
+    // A second SIGHUP finds nothing new: no new generation.
+    keygate.signal("HUP");
+    keygate.wait_for_output("config file holds the configuration in force");
+    assert_eq!(reload_count(&keygate), 1);
 }
 
 /// 100 reloads alternating between two tables under traffic from several connections:

@@ -191,7 +191,9 @@ impl Keygate {
     ) -> Self {
         let stdout = std::fs::File::create(dir.path().join("stdout.log")).unwrap();
         let stderr = std::fs::File::create(dir.path().join("stderr.log")).unwrap();
+        // A relative config path is taken relative to the temporary directory.
         let child = Command::new(keygate_binary())
+            .current_dir(dir.path())
             .args(["run", "--config"])
             .arg(&config_path)
             .env("RUST_LOG", "info")
