@@ -147,10 +147,9 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             if let AppError::Config(LoadError::Invalid(errors)) = &error {
-                eprintln!(
-                    "error: the configuration is invalid ({} problems):",
-                    errors.0.len()
-                );
+                let count = errors.0.len();
+                let noun = if count == 1 { "problem" } else { "problems" };
+                eprintln!("error: the configuration is invalid ({count} {noun}):");
             }
             eprintln!("{error}");
             ExitCode::from(error.exit_code())

@@ -137,7 +137,7 @@ pub fn parse(path: &str, text: &str) -> Result<Config, ConfigErrors> {
     let mut report = Report::new(&source);
     // NOTE: toml 1.2 holds the whole file as tokens, events and a document tree while it
     // parses, about 20 times the file size at the peak (a 66 MiB file peaks near 1.4 GiB).
-    let root = match DeTable::parse(text) {
+    let mut root = match DeTable::parse(text) {
         Ok(root) => root,
         Err(error) => {
             let span = error.span().unwrap_or(0..0);
@@ -151,16 +151,22 @@ pub fn parse(path: &str, text: &str) -> Result<Config, ConfigErrors> {
             return Err(ConfigErrors(report.errors));
         }
     };
-    find_unknown_keys(root.get_ref(), schema::ROOT, "", None, &mut report);
-    if !report.errors.is_empty() {
-        report.errors.sort_by_key(|error| error.line);
-        return Err(ConfigErrors(report.errors));
-    }
+    // Unknown keys are reported and removed, so that the rest of the file is still
+    // checked and every error is reported at once.
+    remove_unknown_keys(root.get_mut(), schema::ROOT, "", None, &mut report);
     let file = match file::FileConfig::deserialize(toml::de::Deserializer::from(root)) {
         Ok(file) => file,
         Err(error) => {
             let span = error.span().unwrap_or(0..0);
-            report.error(span, None, "", None, error.message().trim_end().to_owned());
+            let (field, campaign) = locate(text, span.start);
+            report.error(
+                span,
+                campaign.as_deref(),
+                field,
+                None,
+                error.message().trim_end().to_owned(),
+            );
+            report.errors.sort_by_key(|error| error.line);
             return Err(ConfigErrors(report.errors));
         }
     };
@@ -170,19 +176,24 @@ pub fn parse(path: &str, text: &str) -> Result<Config, ConfigErrors> {
             settings,
             sha256: Sha256::digest(text.as_bytes()).into(),
         }),
-        _ => Err(ConfigErrors(report.errors)),
+        _ => {
+            report.errors.sort_by_key(|error| error.line);
+            Err(ConfigErrors(report.errors))
+        }
     }
 }
 
-/// Reports every key that the schema does not know, with the campaign it sits in.
-fn find_unknown_keys(
-    table: &DeTable<'_>,
+/// Reports and removes every key that the schema does not know, with the campaign it
+/// sits in.
+fn remove_unknown_keys(
+    table: &mut DeTable<'_>,
     known: &[(&str, Child)],
     path: &str,
     campaign: Option<&str>,
     report: &mut Report<'_>,
 ) {
-    for (key, item) in table {
+    let mut unknown = Vec::new();
+    for (key, item) in table.iter_mut() {
         let name: &str = key.get_ref();
         let field = if path.is_empty() {
             name.to_owned()
@@ -198,27 +209,93 @@ fn find_unknown_keys(
                 None,
                 format!("unknown field; expected one of: {}", names.join(", ")),
             );
+            unknown.push(key.clone());
             continue;
         };
-        match (child, item.get_ref()) {
+        match (child, item.get_mut()) {
             (Child::Table(fields), DeValue::Table(inner)) => {
-                find_unknown_keys(inner, fields, &field, campaign, report);
+                remove_unknown_keys(inner, fields, &field, campaign, report);
             }
             (Child::ArrayOfTables(fields), DeValue::Array(entries)) => {
-                for (index, entry) in entries.iter().enumerate() {
-                    let DeValue::Table(inner) = entry.get_ref() else {
+                for (index, entry) in entries.iter_mut().enumerate() {
+                    let DeValue::Table(inner) = entry.get_mut() else {
                         continue;
                     };
-                    let inner_campaign =
-                        campaign.or_else(|| inner.get("id").and_then(|id| id.get_ref().as_str()));
+                    let inner_campaign = campaign.map(str::to_owned).or_else(|| {
+                        inner
+                            .get("id")
+                            .and_then(|id| id.get_ref().as_str())
+                            .map(str::to_owned)
+                    });
                     let entry_path = format!("{field}[{index}]");
-                    find_unknown_keys(inner, fields, &entry_path, inner_campaign, report);
+                    remove_unknown_keys(
+                        inner,
+                        fields,
+                        &entry_path,
+                        inner_campaign.as_deref(),
+                        report,
+                    );
                 }
             }
             // A value of the wrong type is reported by deserialization.
             _ => {}
         }
     }
+    for key in unknown {
+        table.remove(&key);
+    }
+}
+
+/// Finds the field path, and the campaign, of the value at byte `offset`, for an error
+/// that deserialization reports with a position only.
+fn locate(text: &str, offset: usize) -> (String, Option<String>) {
+    DeTable::parse(text)
+        .ok()
+        .and_then(|root| find_value(root.get_ref(), offset, "", None))
+        .unwrap_or_default()
+}
+
+/// Searches a table for the value whose span contains `offset`. Only values have useful
+/// spans: a table's span covers its header alone, so every table is searched.
+fn find_value(
+    table: &DeTable<'_>,
+    offset: usize,
+    path: &str,
+    campaign: Option<&str>,
+) -> Option<(String, Option<String>)> {
+    let contains = |span: std::ops::Range<usize>| {
+        span.start <= offset && offset < span.end.max(span.start + 1)
+    };
+    for (key, item) in table {
+        let field = if path.is_empty() {
+            key.get_ref().to_string()
+        } else {
+            format!("{path}.{}", key.get_ref())
+        };
+        let found = match item.get_ref() {
+            DeValue::Table(inner) => find_value(inner, offset, &field, campaign),
+            DeValue::Array(entries) => entries.iter().enumerate().find_map(|(index, entry)| {
+                let entry_field = format!("{field}[{index}]");
+                match entry.get_ref() {
+                    DeValue::Table(inner) => {
+                        let id = inner.get("id").and_then(|id| id.get_ref().as_str());
+                        let inner_campaign =
+                            campaign.or(if field == "campaigns" { id } else { None });
+                        find_value(inner, offset, &entry_field, inner_campaign)
+                    }
+                    _ => contains(entry.span()).then(|| (entry_field, campaign.map(str::to_owned))),
+                }
+            }),
+            _ => None,
+        };
+        if found.is_some() {
+            return found;
+        }
+        if contains(item.span()) {
+            return Some((field, campaign.map(str::to_owned)));
+        }
+    }
+    None
 }
 
 #[cfg(test)]

@@ -236,6 +236,44 @@ fn unknown_fields_are_all_reported_with_campaign() {
 const LAST_KEY_LINE_A: &str = "expires_at = \"2027-06-30T00:00:00Z\"\n";
 
 #[test]
+fn unknown_fields_and_invalid_values_are_reported_together() {
+    let text = VALID
+        .replacen(
+            "allowed_ips = [\"198.51.100.7\"]",
+            "alowed_ips = [\"198.51.100.7\"]",
+            1,
+        )
+        .replacen("\"203.0.113.0/24\"", "\"203.0.113.7/24\"", 1);
+    let found = errors(&text);
+    let summary: Vec<(usize, &str)> = found.iter().map(|e| (e.line, e.field.as_str())).collect();
+    let expected = vec![
+        (16, "campaigns[0].allowed_ips[0]"),
+        (24, "campaigns[1].allowed_ips"),
+        (25, "campaigns[1].alowed_ips"),
+    ];
+    assert_eq!(summary, expected, "{found:?}");
+}
+
+#[test]
+fn wrong_type_names_field_and_campaign() {
+    let text = VALID.replacen(
+        "id = \"campaign_b\"\n",
+        "id = \"campaign_b\"\nallow_any_ip = \"yes\"\n",
+        1,
+    );
+    let found = errors(&text);
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0].line, 25);
+    assert_eq!(found[0].field, "campaigns[1].allow_any_ip");
+    assert_eq!(found[0].campaign.as_deref(), Some("campaign_b"));
+    assert!(
+        found[0].message.contains("expected a boolean"),
+        "{}",
+        found[0]
+    );
+}
+
+#[test]
 fn more_than_three_keys_is_rejected() {
     let extra: String = (3..6)
         .map(|n| {
