@@ -11,7 +11,9 @@ MESSAGES_A=$PROXY/api/v2/campaigns/campaign_5e1f2c4a/messages
 
 if ! command -v cmake >/dev/null 2>&1; then
   echo "Installing cmake, which Pingora's build needs..."
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq cmake curl >/dev/null
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq cmake curl >/dev/null
 fi
 echo "Building keygate and the stand-in SMS API..."
 cargo build --quiet --bin keygate --example sms_api
@@ -21,15 +23,18 @@ logs=$(mktemp -d)
 cleanup() {
   for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
   wait 2>/dev/null || true
+  rm -rf "$logs"
 }
 trap cleanup EXIT
 
 wait_for_port() {
   for _ in $(seq 1 100); do
-    if (echo >"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
+    # Any HTTP answer will do; a bare TCP probe would log a broken request.
+    if curl --silent --output /dev/null "http://127.0.0.1:$1/"; then return 0; fi
     sleep 0.1
   done
-  echo "Nothing is listening on 127.0.0.1:$1; see the logs in $logs" >&2
+  echo "Nothing answers on 127.0.0.1:$1. The logs:" >&2
+  cat "$logs"/*.log >&2
   exit 1
 }
 
@@ -73,5 +78,5 @@ show "Rejected 400: an encoded slash in the path" \
   "$PROXY/api/v2/campaigns/campaign_5e1f2c4a%2F..%2Fcampaign_7b3d9e01/messages"
 
 echo
-echo "# What the stand-in SMS API received (only the allowed request):"
-cat "$logs/sms_api.log"
+echo "# What the stand-in SMS API received under /api (only the allowed request):"
+grep " /api/" "$logs/sms_api.log" || true

@@ -14,6 +14,7 @@ use async_trait::async_trait;
 use http::{Response, StatusCode};
 use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
+use pingora::server::configuration::ServerConf;
 use pingora::server::Server;
 use pingora::services::listening::Service;
 
@@ -134,7 +135,13 @@ fn main() {
     let listen = std::env::args()
         .nth(1)
         .unwrap_or_else(|| "127.0.0.1:9000".to_owned());
-    let mut server = Server::new(None).expect("a server without a config file always starts");
+    // Stop within a second of SIGTERM: the stand-in has no requests worth waiting for.
+    let conf = ServerConf {
+        grace_period_seconds: Some(0),
+        graceful_shutdown_timeout_seconds: Some(1),
+        ..ServerConf::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
     let mut service = Service::new("sms-api".to_owned(), SmsApi::default());
     service.add_tcp(&listen);
