@@ -8,6 +8,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod frontend;
 pub mod lifecycle;
 pub mod logging;
 pub mod metrics;

@@ -18,6 +18,7 @@ use pingora::services::listening::Service;
 
 use keygate::admin::Admin;
 use keygate::config::{self, LoadError, Upstream};
+use keygate::frontend::{Frontend, FrontendLimits};
 use keygate::lifecycle::{Lifecycle, ShutdownSequence};
 use keygate::metrics::Metrics;
 use keygate::proxy::{Keygate, UpstreamPeer};
@@ -162,7 +163,12 @@ fn run(path: &Path) -> Result<(), AppError> {
     keygate::logging::init(loaded.settings.log.format);
     let upstream = upstream_peer(&loaded.settings.upstream)?;
     let listen = &loaded.settings.listen;
-    for &address in listen.proxy.iter().chain(&listen.admin) {
+    for &address in listen
+        .proxy
+        .iter()
+        .chain(&listen.proxy_protocol)
+        .chain(&listen.admin)
+    {
         // Pingora retries a busy address for 30 s and then stops only that service, so
         // a busy address is found here instead and the process exits.
         TcpListener::bind(address).map_err(|source| AppError::Bind { address, source })?;
@@ -217,7 +223,7 @@ fn run(path: &Path) -> Result<(), AppError> {
             addresses: Arc::clone(&upstream.addresses),
         });
     let keygate = Keygate {
-        table,
+        table: Arc::clone(&table),
         upstream,
         limits: settings.limits,
         rate_limiter: RateLimiter::default(),
@@ -225,17 +231,43 @@ fn run(path: &Path) -> Result<(), AppError> {
         lifecycle: Arc::clone(&lifecycle),
         access_log: settings.log.access,
     };
-    let mut proxy = http_proxy_service(&server.configuration, keygate);
-    for address in &settings.listen.proxy {
-        let mut options = TcpSocketOptions::default();
-        if address.is_ipv6() && address.ip().is_unspecified() {
-            // "[::]:port" serves IPv4 clients too, whatever the system default is.
-            options.ipv6_only = Some(false);
+    let proxy = Arc::new(pingora::proxy::http_proxy(&server.configuration, keygate));
+    let limits = FrontendLimits {
+        header_timeout: settings.limits.header_timeout,
+        keepalive_timeout: settings.limits.keepalive_timeout,
+        max_header_bytes: settings.limits.max_header_bytes,
+    };
+    let listener_groups = [
+        ("proxy", &settings.listen.proxy, false),
+        (
+            "proxy with PROXY protocol",
+            &settings.listen.proxy_protocol,
+            true,
+        ),
+    ];
+    for (name, addresses, proxy_protocol) in listener_groups {
+        if addresses.is_empty() {
+            continue;
         }
-        proxy.add_tcp_with_settings(&address.to_string(), options);
-        tracing::info!(listen.address = %address, "proxy listener configured");
+        let frontend = Frontend {
+            proxy: Arc::clone(&proxy),
+            table: Arc::clone(&table),
+            metrics: Arc::clone(&metrics),
+            limits,
+            proxy_protocol,
+        };
+        let mut service = Service::new(name.to_owned(), frontend);
+        for address in addresses {
+            let mut options = TcpSocketOptions::default();
+            if address.is_ipv6() && address.ip().is_unspecified() {
+                // "[::]:port" serves IPv4 clients too, whatever the system default is.
+                options.ipv6_only = Some(false);
+            }
+            service.add_tcp_with_settings(&address.to_string(), options);
+            tracing::info!(listen.address = %address, proxy_protocol, "proxy listener configured");
+        }
+        server.add_service(service);
     }
-    server.add_service(proxy);
 
     if let Some(address) = settings.listen.admin {
         let admin = Admin {

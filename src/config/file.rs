@@ -26,6 +26,8 @@ pub struct FileConfig {
 #[serde(deny_unknown_fields)]
 pub struct ListenSection {
     pub proxy: Spanned<Vec<Spanned<String>>>,
+    #[serde(default)]
+    pub proxy_protocol: Vec<Spanned<String>>,
     pub admin: Option<Spanned<String>>,
 }
 
@@ -69,6 +71,7 @@ pub struct RateLimitSection {
 #[serde(deny_unknown_fields)]
 pub struct LimitsSection {
     pub max_header_bytes: Option<Spanned<i64>>,
+    pub header_timeout_seconds: Option<Spanned<i64>>,
     pub max_body_bytes: Option<Spanned<i64>>,
     pub keepalive_timeout_seconds: Option<Spanned<i64>>,
     pub drain_max_bytes: Option<Spanned<i64>>,
@@ -149,6 +152,7 @@ pub(super) mod schema {
         &[("requests", Child::Value), ("per_seconds", Child::Value)];
     const LIMITS: &[(&str, Child)] = &[
         ("max_header_bytes", Child::Value),
+        ("header_timeout_seconds", Child::Value),
         ("max_body_bytes", Child::Value),
         ("keepalive_timeout_seconds", Child::Value),
         ("drain_max_bytes", Child::Value),
@@ -160,7 +164,11 @@ pub(super) mod schema {
     const LOG: &[(&str, Child)] = &[("format", Child::Value), ("access", Child::Value)];
     const METRICS: &[(&str, Child)] = &[("per_campaign", Child::Value)];
     const RELOAD: &[(&str, Child)] = &[("interval_seconds", Child::Value)];
-    const LISTEN: &[(&str, Child)] = &[("proxy", Child::Value), ("admin", Child::Value)];
+    const LISTEN: &[(&str, Child)] = &[
+        ("proxy", Child::Value),
+        ("proxy_protocol", Child::Value),
+        ("admin", Child::Value),
+    ];
     const UPSTREAM: &[(&str, Child)] = &[
         ("address", Child::Value),
         ("tls", Child::Value),

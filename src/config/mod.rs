@@ -48,6 +48,8 @@ pub struct Settings {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Listen {
     pub proxy: Vec<SocketAddr>,
+    /// Proxy listeners where every connection starts with a PROXY protocol header.
+    pub proxy_protocol: Vec<SocketAddr>,
     pub admin: Option<SocketAddr>,
 }
 
@@ -75,6 +77,8 @@ pub struct Upstream {
 pub struct Limits {
     /// The maximum size of the request line and headers; larger gets 431.
     pub max_header_bytes: usize,
+    /// The time allowed to receive a request header; slower gets 408.
+    pub header_timeout: Duration,
     /// The maximum request body size; larger gets 413.
     pub max_body_bytes: u64,
     /// How long an idle keep-alive connection stays open.

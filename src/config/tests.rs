@@ -336,6 +336,35 @@ fn trusted_proxies_reject_every_address() {
 }
 
 #[test]
+fn proxy_protocol_listener_needs_trusted_proxies() {
+    let text = VALID.replacen(
+        "admin = ",
+        "proxy_protocol = [\"127.0.0.1:8443\"]\nadmin = ",
+        1,
+    );
+    let found = errors(&text);
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0].field, "listen.proxy_protocol");
+    assert!(found[0].message.contains("trusted_proxies"));
+
+    let trusted = text.replacen(
+        "[routes]",
+        "[client_ip]\ntrusted_proxies = [\"10.0.0.0/8\"]\n\n[routes]",
+        1,
+    );
+    let config = parse("test.toml", &trusted).unwrap();
+    assert_eq!(
+        config.settings.listen.proxy_protocol,
+        vec!["127.0.0.1:8443".parse().unwrap()]
+    );
+
+    let overlapping = trusted.replacen("127.0.0.1:8443", "127.0.0.1:8080", 1);
+    let found = errors(&overlapping);
+    assert_eq!(found[0].field, "listen.proxy_protocol[0]");
+    assert!(found[0].message.contains("also in listen.proxy"));
+}
+
+#[test]
 fn allow_any_ip_permits_whole_family() {
     let text = VALID.replacen(
         "allowed_ips = [\"198.51.100.7\"]",

@@ -30,6 +30,16 @@ pub(super) fn build(file: FileConfig, report: &mut Report<'_>) -> Option<(Table,
     let upstream = upstream(&file.upstream, report);
     let routes = routes(&file.routes, report);
     let trusted_proxies = trusted_proxies(file.client_ip.as_ref(), report);
+    let first_proxy_protocol = file.listen.get_ref().proxy_protocol.first();
+    if let (Some(entry), true) = (first_proxy_protocol, trusted_proxies.is_empty()) {
+        report.error(
+            entry.span(),
+            None,
+            "listen.proxy_protocol",
+            Some(entry.get_ref()),
+            "PROXY protocol listeners accept headers only from [client_ip] trusted_proxies, and that list is empty",
+        );
+    }
     let limits = limits(file.limits.as_ref(), report);
     let default_rate_limit = rate_limit(file.rate_limit.as_ref(), None, "rate_limit", report);
     let shutdown = shutdown(file.shutdown.as_ref(), report);
@@ -95,12 +105,28 @@ fn listen(
             proxy.push(address);
         }
     }
+    let mut proxy_protocol = Vec::new();
+    for (index, entry) in section.proxy_protocol.iter().enumerate() {
+        let field = format!("listen.proxy_protocol[{index}]");
+        if let Some(address) = socket_address(entry, &field, report) {
+            if proxy.contains(&address) {
+                report.error(
+                    entry.span(),
+                    None,
+                    field,
+                    Some(entry.get_ref()),
+                    "this address is also in listen.proxy; a listener either expects the PROXY protocol or not",
+                );
+            }
+            proxy_protocol.push(address);
+        }
+    }
     let admin = section
         .admin
         .as_ref()
         .and_then(|entry| socket_address(entry, "listen.admin", report).map(|a| (a, entry)));
     if let Some((address, entry)) = admin {
-        if proxy.contains(&address) {
+        if proxy.contains(&address) || proxy_protocol.contains(&address) {
             report.error(
                 entry.span(),
                 None,
@@ -112,6 +138,7 @@ fn listen(
     }
     (report.errors.len() == errors_before).then(|| Listen {
         proxy,
+        proxy_protocol,
         admin: admin.map(|(address, _)| address),
     })
 }
@@ -240,6 +267,7 @@ fn check_names(section: &UpstreamSection, report: &mut Report<'_>) {
 
 const DEFAULT_DNS_REFRESH_SECONDS: i64 = 30;
 const DEFAULT_MAX_HEADER_BYTES: i64 = 32 * 1024;
+const DEFAULT_HEADER_TIMEOUT_SECONDS: i64 = 10;
 /// 50 MiB: the service accepts CSV uploads of up to 40 MB on its batch endpoint.
 const DEFAULT_MAX_BODY_BYTES: i64 = 50 * 1024 * 1024;
 const DEFAULT_KEEPALIVE_TIMEOUT_SECONDS: i64 = 60;
@@ -253,6 +281,13 @@ fn limits(section: Option<&LimitsSection>, report: &mut Report<'_>) -> Option<Li
         DEFAULT_MAX_HEADER_BYTES,
         1024..=MAX_HEADER_BYTES_LIMIT,
         "limits.max_header_bytes",
+        report,
+    );
+    let header_timeout = seconds(
+        section.and_then(|s| s.header_timeout_seconds.as_ref()),
+        DEFAULT_HEADER_TIMEOUT_SECONDS,
+        1,
+        "limits.header_timeout_seconds",
         report,
     );
     let max_body_bytes = bounded(
@@ -278,6 +313,7 @@ fn limits(section: Option<&LimitsSection>, report: &mut Report<'_>) -> Option<Li
     );
     Some(Limits {
         max_header_bytes: max_header_bytes? as usize,
+        header_timeout: header_timeout?,
         max_body_bytes: max_body_bytes? as u64,
         keepalive_timeout: keepalive?,
         drain_max_bytes: drain_max_bytes? as u64,

@@ -463,7 +463,19 @@ fn failure_reply(error: &Error) -> Option<ErrorReply> {
     }
 }
 
+/// Returns the error response for a request header that was not received in time.
+pub fn timeout_reply() -> ErrorReply {
+    ErrorReply {
+        status: 408,
+        code: "request_timeout",
+        error_type: "invalid_request_error",
+        message: "The request header was not received in time.",
+        challenge: None,
+        retry_after: None,
+    }
+}
+
 /// Generates a request id: `req_` and 32 random hexadecimal digits.
-fn new_request_id() -> String {
+pub fn new_request_id() -> String {
     format!("req_{:032x}", rand::random::<u128>())
 }

@@ -1,0 +1,408 @@
+//! The connection front end, in place of Pingora's own handling of each new connection:
+//! it reads the PROXY protocol header on the listeners that expect one, and gives each
+//! request header a deadline, answering 408 when a client is too slow. The bytes it reads
+//! are handed back (`rewind`) so the proxy parses the request as it arrived.
+//!
+//! Pingora 0.9.1 has no public setting for either: its pre-TLS hook runs only on TLS
+//! listeners, and it reads a request header with a fixed timeout per read and no answer.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use pingora::apps::ServerApp;
+use pingora::protocols::l4::socket::SocketAddr as PeerAddr;
+use pingora::protocols::l4::stream::Stream as L4Stream;
+use pingora::protocols::SocketDigest;
+use pingora::protocols::Stream;
+use pingora::proxy::HttpProxy;
+use pingora::server::ShutdownWatch;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::time::{timeout_at, Instant};
+
+use crate::metrics::{Metrics, RequestOutcome};
+use crate::proxy::{error_body, Keygate};
+use crate::table::Table;
+
+/// The longest PROXY protocol header: v2's 16-byte preamble and its longest address block
+/// that keygate reads (two IPv6 addresses and ports), or v1's 107 bytes.
+const MAX_PROXY_HEADER: usize = 232;
+const PROXY_V2_SIGNATURE: &[u8; 12] = b"\r\n\r\n\0\r\nQUIT\n";
+
+/// Settings of the front end.
+#[derive(Debug, Clone, Copy)]
+pub struct FrontendLimits {
+    /// The time from a connection, or a request's first byte, to the end of its header.
+    pub header_timeout: Duration,
+    /// How long an idle keep-alive connection waits for the next request.
+    pub keepalive_timeout: Duration,
+    /// Past this many bytes the header is handed to the proxy, which answers 431.
+    pub max_header_bytes: usize,
+}
+
+/// The front end of one group of listeners.
+pub struct Frontend {
+    pub proxy: Arc<HttpProxy<Keygate>>,
+    pub table: Arc<ArcSwap<Table>>,
+    pub metrics: Arc<Metrics>,
+    pub limits: FrontendLimits,
+    /// Whether every connection must start with a PROXY protocol header.
+    pub proxy_protocol: bool,
+}
+
+#[async_trait]
+impl ServerApp for Frontend {
+    async fn process_new(
+        self: &Arc<Self>,
+        stream: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        let mut stream = stream;
+        let mut buffer = Vec::with_capacity(4096);
+        let started = Instant::now();
+        if self.proxy_protocol {
+            self.accept_proxy_header(&mut stream, &mut buffer, started)
+                .await?;
+        }
+        let mut first = true;
+        loop {
+            let ready = self
+                .read_header(&mut stream, &mut buffer, first, started, shutdown)
+                .await;
+            if !ready {
+                return None;
+            }
+            first = false;
+            let rewound = rewind(stream, &std::mem::take(&mut buffer))?;
+            stream = ServerApp::process_new(&self.proxy, rewound, shutdown).await?;
+        }
+    }
+}
+
+impl Frontend {
+    /// Reads until the end of a request header, or answers 408 and returns false when the
+    /// deadline passes. An idle keep-alive connection that sends nothing is closed quietly.
+    async fn read_header(
+        &self,
+        stream: &mut Stream,
+        buffer: &mut Vec<u8>,
+        first: bool,
+        connected: Instant,
+        shutdown: &ShutdownWatch,
+    ) -> bool {
+        if buffer.is_empty() {
+            let idle_limit = if first {
+                connected + self.limits.header_timeout
+            } else {
+                Instant::now() + self.limits.keepalive_timeout
+            };
+            let mut shutdown = shutdown.clone();
+            let read = tokio::select! {
+                read = timeout_at(idle_limit, stream.read_buf(buffer)) => read,
+                _ = shutdown.wait_for(|stopping| *stopping), if !first => return false,
+            };
+            match read {
+                Ok(Ok(0)) | Ok(Err(_)) => return false,
+                Ok(Ok(_)) => {}
+                Err(_) if first => return self.timed_out(stream).await,
+                Err(_) => return false,
+            }
+        }
+        let deadline = if first {
+            connected + self.limits.header_timeout
+        } else {
+            Instant::now() + self.limits.header_timeout
+        };
+        while !header_complete(buffer) && buffer.len() <= self.limits.max_header_bytes {
+            match timeout_at(deadline, stream.read_buf(buffer)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => return false,
+                Ok(Ok(_)) => {}
+                Err(_) => return self.timed_out(stream).await,
+            }
+        }
+        true
+    }
+
+    /// Answers 408 to a client that did not send its request header in time.
+    async fn timed_out(&self, stream: &mut Stream) -> bool {
+        let request_id = crate::proxy::new_request_id();
+        let reply = crate::proxy::timeout_reply();
+        let body = error_body(&reply, &request_id);
+        let head = format!(
+            "HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\nContent-Length: {}\r\nX-Request-Id: {request_id}\r\nConnection: close\r\n\r\n",
+            body.len()
+        );
+        let _ = stream.write_all(head.as_bytes()).await;
+        let _ = stream.write_all(&body).await;
+        let _ = stream.flush().await;
+        self.metrics.record_request(
+            RequestOutcome::Rejected,
+            reply.code,
+            None,
+            self.limits.header_timeout,
+        );
+        tracing::debug!(request.id = %request_id, "request header not received in time");
+        false
+    }
+
+    /// Reads the PROXY protocol header and makes its source address the connection's
+    /// peer. Returns `None`, closing the connection, when the peer is not a trusted proxy
+    /// or the header is missing or invalid.
+    async fn accept_proxy_header(
+        &self,
+        stream: &mut Stream,
+        buffer: &mut Vec<u8>,
+        connected: Instant,
+    ) -> Option<()> {
+        let peer = peer_ip(stream);
+        let trusted = peer.is_some_and(|ip| self.table.load().trusted_proxies().contains(ip));
+        if !trusted {
+            tracing::warn!(peer.ip = ?peer, "PROXY protocol header from a peer that is not a trusted proxy; connection closed");
+            return None;
+        }
+        let deadline = connected + self.limits.header_timeout;
+        let parsed = loop {
+            match parse_proxy_header(buffer) {
+                ProxyHeader::Incomplete if buffer.len() < MAX_PROXY_HEADER => {}
+                ProxyHeader::Incomplete | ProxyHeader::Invalid => {
+                    tracing::warn!(peer.ip = ?peer, "missing or invalid PROXY protocol header; connection closed");
+                    return None;
+                }
+                complete => break complete,
+            }
+            match timeout_at(deadline, stream.read_buf(buffer)).await {
+                Ok(Ok(read)) if read > 0 => {}
+                _ => return None,
+            }
+        };
+        let (source, length) = match parsed {
+            ProxyHeader::Source(source, length) => (Some(source), length),
+            ProxyHeader::Local(length) => (None, length),
+            ProxyHeader::Incomplete | ProxyHeader::Invalid => return None,
+        };
+        buffer.drain(..length);
+        if let Some(source) = source {
+            let digest = SocketDigest::from_raw_fd(stream.id());
+            let _ = digest.peer_addr.set(Some(PeerAddr::Inet(source)));
+            stream.set_socket_digest(digest);
+        }
+        Some(())
+    }
+}
+
+fn peer_ip(stream: &Stream) -> Option<IpAddr> {
+    let digest = stream.get_socket_digest()?;
+    let address = digest.peer_addr()?.as_inet()?.ip();
+    Some(address.to_canonical())
+}
+
+/// Returns whether `buffer` holds a whole request header (it ends with an empty line).
+fn header_complete(buffer: &[u8]) -> bool {
+    buffer.windows(4).any(|w| w == b"\r\n\r\n") || buffer.windows(2).any(|w| w == b"\n\n")
+}
+
+/// Puts `bytes` back in front of the stream for the proxy to read.
+fn rewind(stream: Stream, bytes: &[u8]) -> Option<Stream> {
+    if bytes.is_empty() {
+        return Some(stream);
+    }
+    match stream.into_any().downcast::<L4Stream>() {
+        Ok(mut l4) => {
+            l4.rewind(bytes);
+            Some(l4)
+        }
+        Err(_) => {
+            tracing::error!("connection is not a plain TCP stream; closed");
+            None
+        }
+    }
+}
+
+/// A PROXY protocol header, parsed.
+#[derive(Debug, PartialEq, Eq)]
+enum ProxyHeader {
+    /// The client's address and the header's length in bytes.
+    Source(SocketAddr, usize),
+    /// A header without an address (v1 `UNKNOWN`, v2 `LOCAL`) and its length: the peer
+    /// stays the client.
+    Local(usize),
+    Incomplete,
+    Invalid,
+}
+
+/// Parses a PROXY protocol v1 or v2 header at the start of `buffer`.
+fn parse_proxy_header(buffer: &[u8]) -> ProxyHeader {
+    if buffer.len() < PROXY_V2_SIGNATURE.len() {
+        let v1_prefix = b"PROXY ";
+        let prefix_len = buffer.len().min(v1_prefix.len());
+        let could_be = PROXY_V2_SIGNATURE.starts_with(buffer)
+            || v1_prefix[..prefix_len] == buffer[..prefix_len];
+        return if could_be {
+            ProxyHeader::Incomplete
+        } else {
+            ProxyHeader::Invalid
+        };
+    }
+    if buffer.starts_with(PROXY_V2_SIGNATURE) {
+        return parse_v2(buffer);
+    }
+    if buffer.starts_with(b"PROXY ") {
+        return parse_v1(buffer);
+    }
+    ProxyHeader::Invalid
+}
+
+fn parse_v1(buffer: &[u8]) -> ProxyHeader {
+    let Some(end) = buffer.windows(2).position(|w| w == b"\r\n") else {
+        return if buffer.len() < 107 {
+            ProxyHeader::Incomplete
+        } else {
+            ProxyHeader::Invalid
+        };
+    };
+    let Ok(line) = std::str::from_utf8(&buffer[..end]) else {
+        return ProxyHeader::Invalid;
+    };
+    let parts: Vec<&str> = line.split(' ').collect();
+    match parts.as_slice() {
+        ["PROXY", "UNKNOWN", ..] => ProxyHeader::Local(end + 2),
+        ["PROXY", family @ ("TCP4" | "TCP6"), source, _destination, source_port, _destination_port] =>
+        {
+            let ip = source
+                .parse::<IpAddr>()
+                .ok()
+                .filter(|ip| ip.is_ipv4() == (*family == "TCP4"));
+            let port = source_port.parse::<u16>().ok();
+            match (ip, port) {
+                (Some(ip), Some(port)) => ProxyHeader::Source(SocketAddr::new(ip, port), end + 2),
+                _ => ProxyHeader::Invalid,
+            }
+        }
+        _ => ProxyHeader::Invalid,
+    }
+}
+
+fn parse_v2(buffer: &[u8]) -> ProxyHeader {
+    if buffer.len() < 16 {
+        return ProxyHeader::Incomplete;
+    }
+    let version_command = buffer[12];
+    let family = buffer[13];
+    let length = usize::from(u16::from_be_bytes([buffer[14], buffer[15]]));
+    let total = 16 + length;
+    if version_command >> 4 != 2 || total > MAX_PROXY_HEADER + 512 {
+        return ProxyHeader::Invalid;
+    }
+    if buffer.len() < total {
+        return ProxyHeader::Incomplete;
+    }
+    let addresses = &buffer[16..total];
+    match (version_command & 0x0f, family) {
+        (0x0, _) => ProxyHeader::Local(total),
+        (0x1, 0x11) if addresses.len() >= 12 => {
+            let ip: [u8; 4] = addresses[0..4].try_into().expect("4 bytes");
+            let port = u16::from_be_bytes([addresses[8], addresses[9]]);
+            ProxyHeader::Source(SocketAddr::new(IpAddr::from(ip), port), total)
+        }
+        (0x1, 0x21) if addresses.len() >= 36 => {
+            let ip: [u8; 16] = addresses[0..16].try_into().expect("16 bytes");
+            let port = u16::from_be_bytes([addresses[32], addresses[33]]);
+            ProxyHeader::Source(SocketAddr::new(IpAddr::from(ip), port), total)
+        }
+        // Another family (UNSPEC, UNIX) carries no IP address: the peer stays the client.
+        (0x1, _) => ProxyHeader::Local(total),
+        _ => ProxyHeader::Invalid,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn v1_headers() {
+        let header = b"PROXY TCP4 203.0.113.10 192.0.2.1 56324 443\r\nGET / HTTP/1.1\r\n";
+        assert_eq!(
+            parse_proxy_header(header),
+            ProxyHeader::Source("203.0.113.10:56324".parse().unwrap(), 45)
+        );
+        let header = b"PROXY TCP6 2001:db8::a 2001:db8::1 4000 443\r\n";
+        assert_eq!(
+            parse_proxy_header(header),
+            ProxyHeader::Source("[2001:db8::a]:4000".parse().unwrap(), header.len())
+        );
+        assert_eq!(
+            parse_proxy_header(b"PROXY UNKNOWN\r\n"),
+            ProxyHeader::Local(15)
+        );
+        assert_eq!(
+            parse_proxy_header(b"PROXY TCP4 203.0.113.10"),
+            ProxyHeader::Incomplete
+        );
+        assert_eq!(parse_proxy_header(b"PRO"), ProxyHeader::Incomplete);
+        for invalid in [
+            &b"GET / HTTP/1.1\r\n\r\n"[..],
+            b"PROXY TCP4 2001:db8::a 192.0.2.1 1 2\r\n",
+            b"PROXY TCP4 203.0.113.10 192.0.2.1 99999 443\r\n",
+            b"PROXY TCP5 203.0.113.10 192.0.2.1 1 2\r\n",
+        ] {
+            assert_eq!(
+                parse_proxy_header(invalid),
+                ProxyHeader::Invalid,
+                "{}",
+                String::from_utf8_lossy(invalid)
+            );
+        }
+    }
+
+    fn v2(command: u8, family: u8, addresses: &[u8]) -> Vec<u8> {
+        let mut header = PROXY_V2_SIGNATURE.to_vec();
+        header.push(0x20 | command);
+        header.push(family);
+        header.extend_from_slice(&(addresses.len() as u16).to_be_bytes());
+        header.extend_from_slice(addresses);
+        header
+    }
+
+    #[test]
+    fn v2_headers() {
+        let mut ipv4 = vec![203, 0, 113, 10, 192, 0, 2, 1];
+        ipv4.extend_from_slice(&56324u16.to_be_bytes());
+        ipv4.extend_from_slice(&443u16.to_be_bytes());
+        let header = v2(0x1, 0x11, &ipv4);
+        assert_eq!(
+            parse_proxy_header(&header),
+            ProxyHeader::Source("203.0.113.10:56324".parse().unwrap(), 28)
+        );
+        assert_eq!(parse_proxy_header(&header[..20]), ProxyHeader::Incomplete);
+        assert_eq!(
+            parse_proxy_header(&v2(0x0, 0x00, &[])),
+            ProxyHeader::Local(16)
+        );
+
+        let mut ipv6 = vec![0u8; 36];
+        ipv6[0..16].copy_from_slice(
+            &"2001:db8::a"
+                .parse::<std::net::Ipv6Addr>()
+                .unwrap()
+                .octets(),
+        );
+        ipv6[32..34].copy_from_slice(&4000u16.to_be_bytes());
+        assert_eq!(
+            parse_proxy_header(&v2(0x1, 0x21, &ipv6)),
+            ProxyHeader::Source("[2001:db8::a]:4000".parse().unwrap(), 52)
+        );
+        let mut wrong_version = v2(0x1, 0x11, &ipv4);
+        wrong_version[12] = 0x11;
+        assert_eq!(parse_proxy_header(&wrong_version), ProxyHeader::Invalid);
+    }
+
+    #[test]
+    fn header_completion() {
+        assert!(header_complete(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"));
+        assert!(header_complete(b"GET / HTTP/1.1\nHost: a\n\n"));
+        assert!(!header_complete(b"GET / HTTP/1.1\r\nHost: a\r\n"));
+    }
+}

@@ -1,0 +1,191 @@
+//! End-to-end tests of the connection front end: the PROXY protocol on the listeners that
+//! expect it, and the deadline for receiving a request header.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const BODY: &[u8] = br#"{"recipient":"+15550100"}"#;
+const PROXY: &str = "127.0.0.30";
+
+struct Fronted {
+    upstream: Upstream,
+    keygate: Keygate,
+    proxied: SocketAddr,
+}
+
+/// Starts keygate with a plain listener, a PROXY protocol listener, 127.0.0.30 as the
+/// trusted proxy and a header timeout of 1 s.
+fn start() -> Fronted {
+    let upstream = Upstream::start();
+    let listen = free_address("127.0.0.1");
+    let proxied = free_address("127.0.0.1");
+    let config = with_sections(
+        &test_config(&[listen], upstream.address),
+        &format!(
+            "[client_ip]\ntrusted_proxies = [\"{PROXY}\"]\n\n[limits]\nheader_timeout_seconds = 1"
+        ),
+    )
+    .replacen(
+        "\n\n[upstream]",
+        &format!("\nproxy_protocol = [\"{proxied}\"]\n\n[upstream]"),
+        1,
+    );
+    let keygate = Keygate::start(&config, listen);
+    wait_until(
+        || std::net::TcpStream::connect_timeout(&proxied, Duration::from_millis(200)).is_ok(),
+        "the PROXY protocol listener",
+    );
+    Fronted {
+        upstream,
+        keygate,
+        proxied,
+    }
+}
+
+fn authorized_post() -> Vec<u8> {
+    let auth = format!("Bearer {KEY_A}");
+    request("POST", MESSAGES_A, &[("Authorization", &auth)], BODY)
+}
+
+fn v2_header(source: [u8; 4], source_port: u16) -> Vec<u8> {
+    let mut header = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+    header.extend_from_slice(&[0x21, 0x11, 0, 12]);
+    header.extend_from_slice(&source);
+    header.extend_from_slice(&[127, 0, 0, 1]);
+    header.extend_from_slice(&source_port.to_be_bytes());
+    header.extend_from_slice(&8080u16.to_be_bytes());
+    header
+}
+
+/// Reads until the peer closes the connection; returns what arrived.
+fn read_to_close(stream: &mut std::net::TcpStream) -> Vec<u8> {
+    stream.set_read_timeout(Some(DEADLINE)).unwrap();
+    let mut received = Vec::new();
+    let _ = stream.read_to_end(&mut received);
+    received
+}
+
+#[test]
+fn proxy_v1_header_names_the_client() {
+    let fronted = start();
+    let mut stream = client::connect(PROXY, fronted.proxied);
+    stream
+        .write_all(format!("PROXY TCP4 {CLIENT_A} 127.0.0.1 50000 8080\r\n").as_bytes())
+        .unwrap();
+    let first = send_raw(&mut stream, &authorized_post()).unwrap();
+    assert_eq!(first.status, 201);
+    // The header comes once per connection; the next request on it needs none.
+    let second = send_raw(&mut stream, &authorized_post()).unwrap();
+    assert_eq!(second.status, 201);
+    let received = fronted.upstream.received();
+    assert_eq!(received.len(), 2);
+    assert_eq!(received[0].header_values("x-forwarded-for"), vec![CLIENT_A]);
+}
+
+#[test]
+fn proxy_v2_header_names_the_client() {
+    let fronted = start();
+    let mut stream = client::connect(PROXY, fronted.proxied);
+    stream
+        .write_all(&v2_header([127, 0, 0, 66], 50001))
+        .unwrap();
+    let response = send_raw(&mut stream, &authorized_post()).unwrap();
+    // 127.0.0.66 is on no allowlist: the decision used the address from the header.
+    assert_eq!(response.status, 403);
+    let mut stream = client::connect(PROXY, fronted.proxied);
+    stream
+        .write_all(&v2_header([127, 0, 0, 10], 50002))
+        .unwrap();
+    assert_eq!(
+        send_raw(&mut stream, &authorized_post()).unwrap().status,
+        201
+    );
+    assert_eq!(
+        fronted.upstream.received()[0].header("x-forwarded-for"),
+        Some(CLIENT_A)
+    );
+}
+
+#[test]
+fn proxy_header_from_untrusted_peer_is_refused() {
+    let fronted = start();
+    let mut stream = client::connect(OUTSIDER, fronted.proxied);
+    stream
+        .write_all(format!("PROXY TCP4 {CLIENT_A} 127.0.0.1 50000 8080\r\n").as_bytes())
+        .unwrap();
+    stream.write_all(&authorized_post()).unwrap();
+    assert!(read_to_close(&mut stream).is_empty());
+    assert_eq!(fronted.upstream.count(), 0);
+}
+
+#[test]
+fn missing_proxy_header_closes_the_connection() {
+    let fronted = start();
+    let mut stream = client::connect(PROXY, fronted.proxied);
+    stream.write_all(&authorized_post()).unwrap();
+    assert!(read_to_close(&mut stream).is_empty());
+    assert_eq!(fronted.upstream.count(), 0);
+    // The plain listener does not read a PROXY header: there it is a bad request line.
+    let mut plain = client::connect(PROXY, fronted.keygate.address);
+    plain
+        .write_all(format!("PROXY TCP4 {CLIENT_A} 127.0.0.1 50000 8080\r\n").as_bytes())
+        .unwrap();
+    plain.write_all(&authorized_post()).unwrap();
+    let _ = read_to_close(&mut plain);
+    assert_eq!(fronted.upstream.count(), 0);
+}
+
+#[test]
+fn slow_header_gets_408() {
+    let fronted = start();
+    let mut stream = client::connect(CLIENT_A, fronted.keygate.address);
+    let request = authorized_post();
+    let started = Instant::now();
+    // One byte every 200 ms for 0.8 s: no single read waits long, but the header is not
+    // complete when the 1 s deadline passes.
+    for byte in &request[..20] {
+        if started.elapsed() > Duration::from_millis(800) {
+            break;
+        }
+        stream.write_all(&[*byte]).unwrap();
+        thread::sleep(Duration::from_millis(200));
+    }
+    let received = String::from_utf8_lossy(&read_to_close(&mut stream)).into_owned();
+    assert!(received.starts_with("HTTP/1.1 408 "), "{received}");
+    assert!(
+        received.contains("\"code\":\"request_timeout\""),
+        "{received}"
+    );
+    assert_eq!(fronted.upstream.count(), 0);
+}
+
+#[test]
+fn silent_connection_gets_408() {
+    let fronted = start();
+    let mut stream = client::connect(CLIENT_A, fronted.keygate.address);
+    let received = String::from_utf8_lossy(&read_to_close(&mut stream)).into_owned();
+    assert!(received.starts_with("HTTP/1.1 408 "), "{received}");
+}
+
+#[test]
+fn idle_keepalive_is_not_cut_by_the_header_timeout() {
+    let fronted = start();
+    let mut stream = client::connect(CLIENT_A, fronted.keygate.address);
+    assert_eq!(
+        send_raw(&mut stream, &authorized_post()).unwrap().status,
+        201
+    );
+    // Longer than the 1 s header timeout, shorter than the 60 s keep-alive timeout.
+    thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        send_raw(&mut stream, &authorized_post()).unwrap().status,
+        201
+    );
+    assert_eq!(fronted.upstream.count(), 2);
+}
