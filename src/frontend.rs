@@ -1,6 +1,6 @@
 //! The connection front end, in place of Pingora's own handling of each new connection:
 //! it reads the PROXY protocol header on the listeners that expect one, and gives each
-//! request header a deadline, answering 408 when a client is too slow. The bytes it reads
+//! request header a deadline, with a 408 response when a client is too slow. The bytes it reads
 //! are handed back (`rewind`) so the proxy parses the request as it arrived.
 //!
 //! Pingora 0.9.1 has no public setting for either: its pre-TLS hook runs only on TLS
@@ -38,7 +38,7 @@ pub struct FrontendLimits {
     pub header_timeout: Duration,
     /// How long an idle keep-alive connection waits for the next request.
     pub keepalive_timeout: Duration,
-    /// Past this many bytes the header is handed to the proxy, which answers 431.
+    /// Past this many bytes the header is handed to the proxy, which rejects it with 431.
     pub max_header_bytes: usize,
 }
 
@@ -82,7 +82,7 @@ impl ServerApp for Frontend {
 }
 
 impl Frontend {
-    /// Reads until the end of a request header, or answers 408 and returns false when the
+    /// Reads until the end of a request header, or sends 408 and returns false when the
     /// deadline passes. An idle keep-alive connection that sends nothing is closed quietly.
     async fn read_header(
         &self,
@@ -198,7 +198,7 @@ fn peer_ip(stream: &Stream) -> Option<IpAddr> {
     Some(address.to_canonical())
 }
 
-/// Returns whether `buffer` holds a whole request header (it ends with an empty line).
+/// Returns whether `buffer` contains a whole request header (it ends with an empty line).
 fn header_complete(buffer: &[u8]) -> bool {
     buffer.windows(4).any(|w| w == b"\r\n\r\n") || buffer.windows(2).any(|w| w == b"\n\n")
 }

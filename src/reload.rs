@@ -95,9 +95,9 @@ enum Rejected {
 
 /// What reading the file found.
 enum ReadOutcome {
-    /// The file holds the version in force.
+    /// The file contains the version in force.
     Unchanged,
-    /// The file holds the version that was last rejected.
+    /// The file contains the version that was last rejected.
     StillRejected,
     /// The file changed while it was read; the change event that follows reads it again.
     Changing,
