@@ -379,3 +379,24 @@ fn listen_change_needs_restart() {
     assert!(output.contains("\"changed\":\"listen\""), "{output}");
     assert!(std::net::TcpStream::connect(other).is_err());
 }
+
+/// Trace logging written into the watched directory must not feed the watcher: each
+/// line would be a change event, and each event a new line.
+#[test]
+fn trace_logs_in_watched_directory_do_not_loop() {
+    let upstream = Upstream::start();
+    let listen = free_address("127.0.0.1");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keygate.toml");
+    std::fs::write(&path, test_config(&[listen], upstream.address)).unwrap();
+    let keygate = Keygate::start_with_env(dir, path, listen, &[("RUST_LOG", "trace".as_ref())]);
+    keygate.wait_for_output("config reload started");
+    let size = || keygate.stdout().len();
+    let before = size();
+    thread::sleep(Duration::from_secs(1));
+    let grown = size() - before;
+    assert!(
+        grown < 64 * 1024,
+        "the log grew by {grown} bytes in one second while idle"
+    );
+}
