@@ -12,7 +12,8 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
-use pingora::apps::ServerApp;
+use pingora::apps::{HttpPersistentSettings, HttpServerApp, ServerApp};
+use pingora::protocols::http::ServerSession;
 use pingora::protocols::l4::socket::SocketAddr as PeerAddr;
 use pingora::protocols::l4::stream::Stream as L4Stream;
 use pingora::protocols::SocketDigest;
@@ -54,6 +55,8 @@ pub struct Frontend {
 
 #[async_trait]
 impl ServerApp for Frontend {
+    /// Serves every request of one connection. Pingora's own loop over keep-alive
+    /// requests is replaced by this one, so each request header gets its deadline.
     async fn process_new(
         self: &Arc<Self>,
         stream: Stream,
@@ -66,17 +69,26 @@ impl ServerApp for Frontend {
             self.accept_proxy_header(&mut stream, &mut buffer, started)
                 .await?;
         }
+        let mut persistent: Option<HttpPersistentSettings> = None;
         let mut first = true;
         loop {
-            let ready = self
+            if !self
                 .read_header(&mut stream, &mut buffer, first, started, shutdown)
-                .await;
-            if !ready {
+                .await
+            {
                 return None;
             }
             first = false;
             let rewound = rewind(stream, &std::mem::take(&mut buffer))?;
-            stream = ServerApp::process_new(&self.proxy, rewound, shutdown).await?;
+            let mut session = ServerSession::new_http1(rewound);
+            let keepalive =
+                (!*shutdown.borrow()).then_some(self.limits.keepalive_timeout.as_secs());
+            session.set_keepalive(keepalive);
+            if let Some(settings) = persistent.take() {
+                settings.apply_to_session(&mut session);
+            }
+            let reused = self.proxy.process_new_http(session, shutdown).await?;
+            (stream, persistent) = reused.consume();
         }
     }
 }
@@ -159,7 +171,10 @@ impl Frontend {
         let peer = peer_ip(stream);
         let trusted = peer.is_some_and(|ip| self.table.load().trusted_proxies().contains(ip));
         if !trusted {
-            tracing::warn!(peer.ip = ?peer, "PROXY protocol header from a peer that is not a trusted proxy; connection closed");
+            tracing::warn!(
+                peer.ip = %peer.map(|ip| ip.to_string()).unwrap_or_default(),
+                "PROXY protocol header from a peer that is not a trusted proxy; connection closed",
+            );
             return None;
         }
         let deadline = connected + self.limits.header_timeout;
@@ -167,7 +182,10 @@ impl Frontend {
             match parse_proxy_header(buffer) {
                 ProxyHeader::Incomplete if buffer.len() < MAX_PROXY_HEADER => {}
                 ProxyHeader::Incomplete | ProxyHeader::Invalid => {
-                    tracing::warn!(peer.ip = ?peer, "missing or invalid PROXY protocol header; connection closed");
+                    tracing::warn!(
+                        peer.ip = %peer.map(|ip| ip.to_string()).unwrap_or_default(),
+                        "missing or invalid PROXY protocol header; connection closed",
+                    );
                     return None;
                 }
                 complete => break complete,

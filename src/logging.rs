@@ -12,6 +12,17 @@ pub fn init(format: LogFormat) {
     // file in the watched directory, each of those lines is itself an event, and the log
     // would feed itself without end, so its records stop at info whatever RUST_LOG says.
     let filter = filter.add_directive("notify=info".parse().expect("a valid directive"));
+    // Pingora logs whole request and response headers at debug and trace, keys and
+    // credentials included, and keygate never logs those, so its records stop at info.
+    let filter = [
+        "pingora_core=info",
+        "pingora_proxy=info",
+        "pingora_pool=info",
+    ]
+    .into_iter()
+    .fold(filter, |filter, directive| {
+        filter.add_directive(directive.parse().expect("a valid directive"))
+    });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stdout);

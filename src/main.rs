@@ -230,6 +230,7 @@ fn run(path: &Path) -> Result<(), AppError> {
         metrics: Arc::clone(&metrics),
         lifecycle: Arc::clone(&lifecycle),
         access_log: settings.log.access,
+        proxy_protocol_listeners: settings.listen.proxy_protocol.clone(),
     };
     let proxy = Arc::new(pingora::proxy::http_proxy(&server.configuration, keygate));
     let limits = FrontendLimits {

@@ -482,6 +482,9 @@ fn changed_settings(old: &Settings, new: &Settings) -> String {
     if old.upstream != new.upstream {
         changed.push("upstream");
     }
+    if old.limits != new.limits {
+        changed.push("limits");
+    }
     if old.shutdown != new.shutdown {
         changed.push("shutdown");
     }
@@ -499,4 +502,41 @@ fn changed_settings(old: &Settings, new: &Settings) -> String {
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = "environment = \"test\"\n[listen]\nproxy = [\"127.0.0.1:8080\"]\n[upstream]\naddress = \"127.0.0.1:9000\"\n[routes]\ncampaign_paths = [\"/a/{campaign}\"]\n";
+
+    fn settings(extra: &str) -> Settings {
+        config::parse("test.toml", &format!("{BASE}{extra}"))
+            .unwrap()
+            .settings
+    }
+
+    #[test]
+    fn changed_settings_names_each_section() {
+        let base = settings("");
+        assert_eq!(changed_settings(&base, &base), "");
+        assert_eq!(
+            changed_settings(
+                &base,
+                &settings("[limits]\nkeepalive_timeout_seconds = 5\n")
+            ),
+            "limits"
+        );
+        assert_eq!(
+            changed_settings(&base, &settings("[log]\naccess = false\n")),
+            "log"
+        );
+        assert_eq!(
+            changed_settings(
+                &base,
+                &settings("[shutdown]\ndrain_delay_seconds = 1\n[reload]\ninterval_seconds = 5\n")
+            ),
+            "shutdown,reload"
+        );
+    }
 }

@@ -189,3 +189,59 @@ fn idle_keepalive_is_not_cut_by_the_header_timeout() {
     );
     assert_eq!(fronted.upstream.count(), 2);
 }
+
+#[test]
+fn slow_header_of_a_later_request_gets_408() {
+    let fronted = start();
+    let mut stream = client::connect(CLIENT_A, fronted.keygate.address);
+    assert_eq!(
+        send_raw(&mut stream, &authorized_post()).unwrap().status,
+        201
+    );
+    let request = authorized_post();
+    let started = Instant::now();
+    for byte in &request[..20] {
+        if started.elapsed() > Duration::from_millis(800) {
+            break;
+        }
+        stream.write_all(&[*byte]).unwrap();
+        thread::sleep(Duration::from_millis(200));
+    }
+    let received = String::from_utf8_lossy(&read_to_close(&mut stream)).into_owned();
+    assert!(received.starts_with("HTTP/1.1 408 "), "{received}");
+    assert_eq!(fronted.upstream.count(), 1);
+}
+
+/// Behind the PROXY protocol the client's own `X-Forwarded-For` never counts, not even
+/// when the header carries no address (`UNKNOWN`, as in load balancer health checks).
+#[test]
+fn proxy_listener_ignores_forwarded_for() {
+    let fronted = start();
+    let auth = format!("Bearer {KEY_A}");
+    let spoofed = request(
+        "POST",
+        MESSAGES_A,
+        &[("Authorization", &auth), ("X-Forwarded-For", CLIENT_A)],
+        BODY,
+    );
+    let mut stream = client::connect(PROXY, fronted.proxied);
+    stream.write_all(b"PROXY UNKNOWN\r\n").unwrap();
+    let response = send_raw(&mut stream, &spoofed).unwrap();
+    assert_eq!(response.status, 403);
+    assert_eq!(fronted.upstream.count(), 0);
+}
+
+#[test]
+fn rejection_does_not_wait_for_a_missing_body() {
+    let fronted = start();
+    let mut stream = client::connect(CLIENT_A, fronted.keygate.address);
+    let head = format!(
+        "POST {MESSAGES_A} HTTP/1.1\r\nHost: keygate.test\r\nAuthorization: Bearer key_test_wrong\r\nContent-Length: 400\r\n\r\n"
+    );
+    stream.write_all(head.as_bytes()).unwrap();
+    // The drain gives up after 2 s; without that limit the answer would come only after
+    // Pingora's 60 s read timeout, and the test client's 10 s read timeout would fail this.
+    let response =
+        client::read_response(&mut stream).expect("a response before the client's read timeout");
+    assert_eq!(response.status, 401);
+}

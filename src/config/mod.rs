@@ -168,7 +168,7 @@ pub fn parse(path: &str, text: &str) -> Result<Config, ConfigErrors> {
                 campaign.as_deref(),
                 field,
                 None,
-                error.message().trim_end().to_owned(),
+                plain_type_names(error.message().trim_end()),
             );
             report.errors.sort_by_key(|error| error.line);
             return Err(ConfigErrors(report.errors));
@@ -248,6 +248,22 @@ fn remove_unknown_keys(
     for key in unknown {
         table.remove(&key);
     }
+}
+
+/// Replaces Rust type names in deserialization messages with TOML's words.
+fn plain_type_names(message: &str) -> String {
+    [
+        ("i64", "an integer"),
+        ("i128", "an integer"),
+        ("u64", "an integer"),
+        ("a sequence", "an array"),
+        ("a map", "a table"),
+        ("struct ", "table "),
+    ]
+    .into_iter()
+    .fold(message.to_owned(), |text, (from, to)| {
+        text.replace(from, to)
+    })
 }
 
 /// Finds the field path, and the campaign, of the value at byte `offset`, for an error

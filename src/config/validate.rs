@@ -252,6 +252,16 @@ fn check_names(section: &UpstreamSection, report: &mut Report<'_>) {
             );
         }
     }
+    if !section.tls && (section.ca_file.is_some() || section.insecure_skip_verify) {
+        let span = section.ca_file.as_ref().map_or(0..0, |path| path.span());
+        report.error(
+            span,
+            None,
+            "upstream.tls",
+            None,
+            "ca_file and insecure_skip_verify apply only to HTTPS; set tls = true or remove them",
+        );
+    }
     if let Some(path) = &section.ca_file {
         if path.get_ref().is_empty() {
             report.error(

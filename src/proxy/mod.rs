@@ -54,6 +54,9 @@ pub struct Keygate {
     pub lifecycle: Arc<Lifecycle>,
     /// Whether a log line is written for every request.
     pub access_log: bool,
+    /// Listeners whose connections carry the PROXY protocol. There the header names the
+    /// client, and `X-Forwarded-For`, which the client controls, is never read.
+    pub proxy_protocol_listeners: Vec<std::net::SocketAddr>,
 }
 
 /// The outcome of a request, for metrics and the access log.
@@ -118,7 +121,20 @@ impl ProxyHttp for Keygate {
             .client_addr()
             .and_then(|address| address.as_inet())
             .map(|address| address.ip().to_canonical());
+        let local = session
+            .server_addr()
+            .and_then(|address| address.as_inet())
+            .copied();
+        let via_proxy_protocol = local.is_some_and(|local| {
+            self.proxy_protocol_listeners.iter().any(|listener| {
+                listener.port() == local.port()
+                    && (listener.ip().is_unspecified() || listener.ip() == local.ip())
+            })
+        });
         ctx.client_ip = ctx.peer_ip.map(|peer| {
+            if via_proxy_protocol {
+                return peer;
+            }
             let forwarded_for = session.req_header().headers.get_all("x-forwarded-for");
             client_ip(
                 peer,
@@ -249,6 +265,18 @@ impl ProxyHttp for Keygate {
         ctx.upstream_status = Some(status);
         self.metrics.record_upstream_status(status);
         Ok(())
+    }
+
+    fn request_summary(&self, session: &Session, ctx: &RequestContext) -> String {
+        // Pingora puts this in its error lines; the query string may hold secrets.
+        let target = session.req_header().raw_path();
+        let path = target.split(|&b| b == b'?').next().unwrap_or_default();
+        format!(
+            "{} {} request.id={}",
+            session.req_header().method,
+            String::from_utf8_lossy(path),
+            ctx.request_id
+        )
     }
 
     fn fail_to_connect(
