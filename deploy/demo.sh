@@ -29,11 +29,11 @@ trap cleanup EXIT
 
 wait_for_port() {
   for _ in $(seq 1 100); do
-    # Any HTTP answer will do; a bare TCP probe would log a broken request.
+    # Any HTTP response will do, because a bare TCP probe would log a broken request.
     if curl --silent --output /dev/null "http://127.0.0.1:$1/"; then return 0; fi
     sleep 0.1
   done
-  echo "Nothing answers on 127.0.0.1:$1. The logs:" >&2
+  echo "Nothing responds on 127.0.0.1:$1. The logs:" >&2
   cat "$logs"/*.log >&2
   exit 1
 }

@@ -1,5 +1,5 @@
-//! The connection front end, in place of Pingora's own handling of each new connection:
-//! it reads the PROXY protocol header on the listeners that expect one, and gives each
+//! The connection front end, in place of Pingora's own handling of each new connection.
+//! It reads the PROXY protocol header on the listeners that expect one. It also gives each
 //! request header a deadline, with a 408 response when a client is too slow. The bytes it reads
 //! are handed back (`rewind`) so the proxy parses the request as it arrived.
 //!
@@ -137,7 +137,7 @@ impl Frontend {
         true
     }
 
-    /// Answers 408 to a client that did not send its request header in time.
+    /// Sends 408 to a client that did not send its request header in time.
     async fn timed_out(&self, stream: &mut Stream) -> bool {
         let request_id = crate::proxy::new_request_id();
         let reply = crate::proxy::timeout_reply();

@@ -8,7 +8,7 @@ use crate::config::LogFormat;
 /// Installs the global subscriber. Later calls do nothing.
 pub fn init(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    // The file watcher logs every event it sees at debug and trace. When stdout goes to a
+    // The file watcher logs every event it receives at debug and trace. When stdout goes to a
     // file in the watched directory, each of those lines is itself an event, and the log
     // would feed itself without end, so its records stop at info whatever RUST_LOG says.
     let filter = filter.add_directive("notify=info".parse().expect("a valid directive"));

@@ -93,7 +93,7 @@ enum Rejected {
     Unreadable(String),
 }
 
-/// What reading the file found.
+/// The result of reading the file.
 enum ReadOutcome {
     /// The file contains the version in force.
     Unchanged,
@@ -209,7 +209,7 @@ impl Reloader {
     }
 
     /// Counts and logs a rejected version, unless the same rejection was already reported
-    /// and no SIGHUP asks for it again.
+    /// and no SIGHUP requests it again.
     fn reject(&self, trigger: Trigger, rejected: Rejected, problems: &[String]) {
         {
             let mut versions = self.versions.lock().unwrap_or_else(|e| e.into_inner());
@@ -231,7 +231,7 @@ impl Reloader {
         );
     }
 
-    /// Logs that the file holds the version in force, when that is news: after a
+    /// Logs that the file contains the version in force, when that is news: after a
     /// rejected version, or on SIGHUP.
     fn log_unchanged(&self, trigger: Trigger) {
         let was_rejected = self

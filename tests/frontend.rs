@@ -174,7 +174,7 @@ fn silent_connection_gets_408() {
 }
 
 #[test]
-fn idle_keepalive_is_not_cut_by_the_header_timeout() {
+fn idle_keepalive_outlasts_header_timeout() {
     let fronted = start();
     let mut stream = client::connect(CLIENT_A, fronted.keygate.address);
     assert_eq!(
@@ -239,7 +239,7 @@ fn rejection_does_not_wait_for_a_missing_body() {
         "POST {MESSAGES_A} HTTP/1.1\r\nHost: keygate.test\r\nAuthorization: Bearer key_test_wrong\r\nContent-Length: 400\r\n\r\n"
     );
     stream.write_all(head.as_bytes()).unwrap();
-    // The drain gives up after 2 s; without that limit the answer would come only after
+    // The drain gives up after 2 s; without that limit the response would come only after
     // Pingora's 60 s read timeout, and the test client's 10 s read timeout would fail this.
     let response =
         client::read_response(&mut stream).expect("a response before the client's read timeout");

@@ -17,7 +17,7 @@ const BODY: &[u8] = br#"{"recipient":"+15550100"}"#;
 const KEY_NEW: &str = "key_test_NNNNNNNNNNNNNNNNNNNNNNNNNNNNNNNNNNNNNNNNNNN";
 const KEY_NEWER: &str = "key_test_MMMMMMMMMMMMMMMMMMMMMMMMMMMMMMMMMMMMMMMMMMM";
 
-/// The shared test configuration with campaign A's "primary" key replaced by `key`.
+/// Returns the shared test configuration with campaign A's "primary" key replaced by `key`.
 fn config_with_primary(base: &str, key: &str) -> String {
     base.replacen(&sha256_hex(KEY_A), &sha256_hex(key), 1)
 }
@@ -306,7 +306,7 @@ fn sighup_applies_unseen_change() {
 }
 
 /// 100 reloads alternating between two tables under traffic from several connections:
-/// every answer is one that a table in force could give.
+/// every response is one that a table in force could give.
 #[test]
 fn reloads_under_traffic_fail_no_request() {
     // Access lines are off, so that counting reload lines stays cheap under traffic.

@@ -83,15 +83,15 @@ pub struct Limits {
     pub max_body_bytes: u64,
     /// How long an idle keep-alive connection stays open.
     pub keepalive_timeout: Duration,
-    /// The most body bytes read and discarded after a rejection before the connection is
-    /// closed instead.
+    /// The maximum body bytes read and discarded after a rejection before the connection
+    /// is closed instead.
     pub drain_max_bytes: u64,
 }
 
-/// What keygate does after SIGTERM.
+/// The shutdown sequence after SIGTERM.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Shutdown {
-    /// How long `/readyz` answers 503 while the listeners still accept connections.
+    /// How long `/readyz` returns 503 while the listeners still accept connections.
     pub drain_delay: Duration,
     /// How long in-flight requests may take once the listeners are closed.
     pub grace_period: Duration,
@@ -139,7 +139,7 @@ pub fn load(path: &Path) -> Result<Config, LoadError> {
 pub fn parse(path: &str, text: &str) -> Result<Config, ConfigErrors> {
     let source = Source::new(path, text);
     let mut report = Report::new(&source);
-    // NOTE: toml 1.2 holds the whole file as tokens, events and a document tree while it
+    // NOTE: toml 1.2 keeps the whole file as tokens, events and a document tree while it
     // parses, about 20 times the file size at the peak (a 66 MiB file peaks near 1.4 GiB).
     let mut root = match DeTable::parse(text) {
         Ok(root) => root,

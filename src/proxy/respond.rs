@@ -7,7 +7,7 @@ use pingora::http::ResponseHeader;
 use pingora::proxy::Session;
 use pingora::Result;
 
-/// The longest wait for the body of a rejected request before the connection is closed.
+/// The maximum wait for the body of a rejected request before the connection is closed.
 const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// An error response: status, code, type and message.
@@ -62,7 +62,7 @@ pub async fn reject(
     drain_max_bytes: u64,
 ) -> Result<()> {
     if should_drain(session, drain_max_bytes) {
-        // A client that announced a body and does not send it must not hold the answer.
+        // A client that announced a body and does not send it must not delay the response.
         session.set_total_drain_timeout(Some(DRAIN_TIMEOUT));
         if session.drain_request_body().await.is_err() {
             session.set_keepalive(None);

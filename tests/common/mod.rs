@@ -154,7 +154,7 @@ pub fn free_address(ip: &str) -> SocketAddr {
     panic!("no free port in 20000-31999");
 }
 
-/// The path of the built keygate binary.
+/// Returns the path of the built keygate binary.
 pub fn keygate_binary() -> &'static str {
     env!("CARGO_BIN_EXE_keygate")
 }
