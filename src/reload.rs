@@ -29,19 +29,6 @@ const DEBOUNCE: Duration = Duration::from_millis(150);
 /// The maximum delay that a burst of events can cause before a read.
 const MAX_DEBOUNCE: Duration = Duration::from_secs(2);
 
-/// The state of reloads that other parts of keygate read: metrics and logs.
-#[derive(Debug, Default)]
-pub struct ReloadStatus {
-    generation: AtomicU64,
-}
-
-impl ReloadStatus {
-    /// Returns the generation of the table in force: 1 at start, +1 per applied reload.
-    pub fn generation(&self) -> u64 {
-        self.generation.load(Ordering::Relaxed)
-    }
-}
-
 /// The event that started a reload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Trigger {
@@ -60,21 +47,14 @@ impl Trigger {
     }
 }
 
-/// The result of one reload attempt.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ReloadResult {
-    Applied,
-    Unchanged,
-    Rejected,
-}
-
 /// The background service that keeps the table in step with the file.
 pub struct Reloader {
     path: PathBuf,
     table: Arc<ArcSwap<Table>>,
     metrics: Arc<Metrics>,
     startup: Settings,
-    status: Arc<ReloadStatus>,
+    /// The generation of the table in force: 1 at start, +1 per applied reload.
+    generation: AtomicU64,
     versions: Mutex<Versions>,
 }
 
@@ -115,15 +95,13 @@ impl Reloader {
         metrics: Arc<Metrics>,
         startup: Settings,
     ) -> Self {
-        let status = Arc::new(ReloadStatus::default());
-        status.generation.store(1, Ordering::Relaxed);
         metrics.record_table(&table.load(), 1, false);
         Self {
             path,
             table,
             metrics,
             startup,
-            status,
+            generation: AtomicU64::new(1),
             versions: Mutex::new(Versions {
                 applied: digest,
                 rejected: None,
@@ -131,14 +109,9 @@ impl Reloader {
         }
     }
 
-    /// Returns the shared reload status.
-    pub fn status(&self) -> Arc<ReloadStatus> {
-        Arc::clone(&self.status)
-    }
-
     /// Reads the file and swaps in its table if it changed and is valid. SIGHUP reports a
     /// rejected version again, where the watcher and the timer stay quiet about it.
-    async fn reload(&self, trigger: Trigger) -> ReloadResult {
+    async fn reload(&self, trigger: Trigger) {
         let path = self.path.clone();
         let force = trigger == Trigger::Signal;
         let known = self
@@ -152,27 +125,27 @@ impl Reloader {
             Ok(read) => read,
             Err(join_error) => {
                 tracing::error!(error = %join_error, "config reload task failed");
-                return ReloadResult::Rejected;
+                return;
             }
         };
         let (digest, loaded) = match read {
             ReadOutcome::Valid(digest, loaded) => (digest, loaded),
             ReadOutcome::Unchanged => {
                 self.log_unchanged(trigger);
-                return ReloadResult::Unchanged;
+                return;
             }
-            ReadOutcome::StillRejected => return ReloadResult::Unchanged,
+            ReadOutcome::StillRejected => return,
             ReadOutcome::Changing => {
                 tracing::debug!(config.path = %self.path.display(), "config file changed while it was read");
-                return ReloadResult::Unchanged;
+                return;
             }
             ReadOutcome::Unreadable(problem) => {
                 self.reject(trigger, Rejected::Unreadable(problem.clone()), &[problem]);
-                return ReloadResult::Rejected;
+                return;
             }
             ReadOutcome::Invalid(digest, problems) => {
                 self.reject(trigger, Rejected::Content(digest), &problems);
-                return ReloadResult::Rejected;
+                return;
             }
         };
         if loaded.settings != self.startup {
@@ -190,7 +163,7 @@ impl Reloader {
             applied: digest,
             rejected: None,
         };
-        let generation = self.status.generation.fetch_add(1, Ordering::Relaxed) + 1;
+        let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
         self.metrics.record_table(&table, generation, true);
         tracing::info!(
             config.path = %self.path.display(),
@@ -205,7 +178,6 @@ impl Reloader {
             trusted_proxies.changed = diff.trusted_proxies_changed,
             "configuration reloaded",
         );
-        ReloadResult::Applied
     }
 
     /// Counts and logs a rejected version, unless the same rejection was already reported
@@ -225,7 +197,7 @@ impl Reloader {
         tracing::warn!(
             config.path = %self.path.display(),
             reload.trigger = trigger.as_str(),
-            config.generation = self.status.generation(),
+            config.generation = self.generation.load(Ordering::Relaxed),
             errors = problems.len(),
             "configuration rejected; the table in force keeps serving",
         );
@@ -244,7 +216,7 @@ impl Reloader {
         if was_rejected || trigger == Trigger::Signal {
             tracing::info!(
                 config.path = %self.path.display(),
-                config.generation = self.status.generation(),
+                config.generation = self.generation.load(Ordering::Relaxed),
                 reload.trigger = trigger.as_str(),
                 "config file holds the configuration in force; nothing to reload",
             );

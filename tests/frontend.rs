@@ -63,6 +63,20 @@ fn v2_header(source: [u8; 4], source_port: u16) -> Vec<u8> {
     header
 }
 
+/// Sends the start of a request header, one byte every 200 ms for 0.8 s. No single read
+/// waits long, but the header is not complete when the 1 s deadline passes.
+fn send_header_slowly(stream: &mut std::net::TcpStream) {
+    let request = authorized_post();
+    let started = Instant::now();
+    for byte in &request[..20] {
+        if started.elapsed() > Duration::from_millis(800) {
+            break;
+        }
+        stream.write_all(&[*byte]).unwrap();
+        thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// Reads until the peer closes the connection; returns what arrived.
 fn read_to_close(stream: &mut std::net::TcpStream) -> Vec<u8> {
     stream.set_read_timeout(Some(DEADLINE)).unwrap();
@@ -145,17 +159,7 @@ fn missing_proxy_header_closes_the_connection() {
 fn slow_header_gets_408() {
     let fronted = start();
     let mut stream = client::connect(CLIENT_A, fronted.keygate.address);
-    let request = authorized_post();
-    let started = Instant::now();
-    // One byte every 200 ms for 0.8 s: no single read waits long, but the header is not
-    // complete when the 1 s deadline passes.
-    for byte in &request[..20] {
-        if started.elapsed() > Duration::from_millis(800) {
-            break;
-        }
-        stream.write_all(&[*byte]).unwrap();
-        thread::sleep(Duration::from_millis(200));
-    }
+    send_header_slowly(&mut stream);
     let received = String::from_utf8_lossy(&read_to_close(&mut stream)).into_owned();
     assert!(received.starts_with("HTTP/1.1 408 "), "{received}");
     assert!(
@@ -198,15 +202,7 @@ fn slow_header_of_a_later_request_gets_408() {
         send_raw(&mut stream, &authorized_post()).unwrap().status,
         201
     );
-    let request = authorized_post();
-    let started = Instant::now();
-    for byte in &request[..20] {
-        if started.elapsed() > Duration::from_millis(800) {
-            break;
-        }
-        stream.write_all(&[*byte]).unwrap();
-        thread::sleep(Duration::from_millis(200));
-    }
+    send_header_slowly(&mut stream);
     let received = String::from_utf8_lossy(&read_to_close(&mut stream)).into_owned();
     assert!(received.starts_with("HTTP/1.1 408 "), "{received}");
     assert_eq!(fronted.upstream.count(), 1);

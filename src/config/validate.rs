@@ -338,6 +338,19 @@ fn bounded(
     field: &str,
     report: &mut Report<'_>,
 ) -> Option<i64> {
+    bounded_in(value, default, range, "", field, report)
+}
+
+/// Reads an integer within `range`, or the default when it is absent; `unit` follows
+/// the bounds in the error message, such as " seconds".
+fn bounded_in(
+    value: Option<&Spanned<i64>>,
+    default: i64,
+    range: std::ops::RangeInclusive<i64>,
+    unit: &str,
+    field: &str,
+    report: &mut Report<'_>,
+) -> Option<i64> {
     let Some(value) = value else {
         return Some(default);
     };
@@ -348,7 +361,11 @@ fn bounded(
             None,
             field,
             Some(&number.to_string()),
-            format!("must be between {} and {}", range.start(), range.end()),
+            format!(
+                "must be between {} and {}{unit}",
+                range.start(),
+                range.end()
+            ),
         );
         return None;
     }
@@ -428,20 +445,14 @@ fn timeout(
     field: &str,
     report: &mut Report<'_>,
 ) -> Option<Duration> {
-    let Some(value) = value else {
-        return Some(Duration::from_millis(default_ms as u64));
-    };
-    let ms = *value.get_ref();
-    if !(1..=MAX_TIMEOUT_MS).contains(&ms) {
-        report.error(
-            value.span(),
-            None,
-            field,
-            Some(&ms.to_string()),
-            format!("must be between 1 and {MAX_TIMEOUT_MS} milliseconds"),
-        );
-        return None;
-    }
+    let ms = bounded_in(
+        value,
+        default_ms,
+        1..=MAX_TIMEOUT_MS,
+        " milliseconds",
+        field,
+        report,
+    )?;
     Some(Duration::from_millis(ms as u64))
 }
 
@@ -512,20 +523,7 @@ fn seconds(
     field: &str,
     report: &mut Report<'_>,
 ) -> Option<Duration> {
-    let Some(value) = value else {
-        return Some(Duration::from_secs(default as u64));
-    };
-    let seconds = *value.get_ref();
-    if !(min..=MAX_SECONDS).contains(&seconds) {
-        report.error(
-            value.span(),
-            None,
-            field,
-            Some(&seconds.to_string()),
-            format!("must be between {min} and {MAX_SECONDS} seconds"),
-        );
-        return None;
-    }
+    let seconds = bounded_in(value, default, min..=MAX_SECONDS, " seconds", field, report)?;
     Some(Duration::from_secs(seconds as u64))
 }
 

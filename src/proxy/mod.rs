@@ -144,8 +144,7 @@ impl ProxyHttp for Keygate {
         });
 
         let authorization = RawAuthorization::read(session);
-        let target = session.req_header().raw_path();
-        let path = target.split(|&b| b == b'?').next().unwrap_or_default();
+        let path = path_of(session.req_header());
         let facts = RequestFacts {
             client_ip: ctx.client_ip,
             path,
@@ -269,8 +268,7 @@ impl ProxyHttp for Keygate {
 
     fn request_summary(&self, session: &Session, ctx: &RequestContext) -> String {
         // Pingora puts this in its error lines; the query string may hold secrets.
-        let target = session.req_header().raw_path();
-        let path = target.split(|&b| b == b'?').next().unwrap_or_default();
+        let path = path_of(session.req_header());
         format!(
             "{} {} request.id={}",
             session.req_header().method,
@@ -380,8 +378,7 @@ impl ProxyHttp for Keygate {
         }
 
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
-        let target = session.req_header().raw_path();
-        let path = target.split(|&b| b == b'?').next().unwrap_or_default();
+        let path = path_of(session.req_header());
         tracing::info!(
             request.id = %ctx.request_id,
             client.ip = %ctx.client_ip.map(|ip| ip.to_string()).unwrap_or_default(),
@@ -489,6 +486,13 @@ fn failure_reply(error: &Error) -> Option<ErrorReply> {
         )),
         _ => Some(reply(500, "internal_error", "api_error", "keygate failed to process the request.")),
     }
+}
+
+/// Returns the request target up to, not including, the first `?`: the query string
+/// takes no part in a decision and is never logged.
+fn path_of(request: &RequestHeader) -> &[u8] {
+    let target = request.raw_path();
+    target.split(|&b| b == b'?').next().unwrap_or_default()
 }
 
 /// Returns the error response for a request header that was not received in time.
