@@ -4,7 +4,7 @@
 //! are handed back (`rewind`) so the proxy parses the request as it arrived.
 //!
 //! Pingora 0.9.1 has no public setting for either: its pre-TLS hook runs only on TLS
-//! listeners, and it reads a request header with a fixed timeout per read and no answer.
+//! listeners, and it reads a request header with a fixed timeout per read and sends no response.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;

@@ -10,7 +10,7 @@ pub fn init(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     // The file watcher logs every event it receives at debug and trace. When stdout goes to a
     // file in the watched directory, each of those lines is itself an event, and the log
-    // would feed itself without end, so its records stop at info whatever RUST_LOG says.
+    // would feed itself without end, so its records stop at info whatever RUST_LOG sets.
     let filter = filter.add_directive("notify=info".parse().expect("a valid directive"));
     // Pingora logs whole request and response headers at debug and trace, keys and
     // credentials included, and keygate never logs those, so its records stop at info.

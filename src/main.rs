@@ -28,7 +28,7 @@ use keygate::table::{key, Environment, KeyHash, Table};
 use keygate::upstream::{Resolver, UpstreamAddresses};
 
 /// mimalloc returns freed memory to the operating system, so the memory that parsing a
-/// large config file takes is given back after each load; glibc's allocator kept it.
+/// large config file takes is given back after each load. glibc's allocator kept it.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

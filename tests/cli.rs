@@ -29,7 +29,7 @@ fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
-/// Each fixture holds one validation error; its first line names the line and the text
+/// Each fixture contains one validation error. Its first line names the line and the text
 /// that `check` must report.
 #[test]
 fn check_reports_each_fixture_error_with_its_line() {

@@ -120,7 +120,7 @@ fn metrics_count_known_traffic_exactly() {
     assert_eq!(sample(&metrics, "keygate_config_generation"), Some(1.0));
     assert_eq!(sample(&metrics, "keygate_campaigns"), Some(3.0));
     assert_eq!(sample(&metrics, "keygate_keys"), Some(5.0));
-    // The test table holds a key that expired in 2020.
+    // The test table contains a key that expired in 2020.
     assert!(sample(&metrics, "keygate_keys_expiring_seconds").unwrap() < 0.0);
     assert!(
         sample(

@@ -52,7 +52,7 @@ fn query_and_method_reach_upstream_unchanged() {
 }
 
 #[test]
-fn upstream_5xx_comes_back_unchanged_and_is_sent_once() {
+fn upstream_5xx_passes_through_once() {
     let setup = Setup::start();
     let auth = format!("Bearer {KEY_A}");
     let raw = request(

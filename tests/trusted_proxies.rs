@@ -85,7 +85,7 @@ fn trusted_proxy_names_the_client() {
 }
 
 #[test]
-fn chain_of_trusted_hops_is_walked_from_the_right() {
+fn trusted_chain_walked_from_right() {
     let proxied = start();
     let address = proxied.keygate.address;
     // The leftmost entry is whatever the client claimed; the hops to its right count.
