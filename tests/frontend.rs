@@ -37,10 +37,7 @@ fn start() -> Fronted {
         1,
     );
     let keygate = Keygate::start(&config, listen);
-    wait_until(
-        || std::net::TcpStream::connect_timeout(&proxied, Duration::from_millis(200)).is_ok(),
-        "the PROXY protocol listener",
-    );
+    wait_for_listener(proxied);
     Fronted {
         upstream,
         keygate,

@@ -30,10 +30,7 @@ fn start(sections: &str) -> Operated {
     );
     let config = with_sections(&base, sections);
     let keygate = Keygate::start(&config, listen);
-    wait_until(
-        || admin_get(admin, "/healthz").0 == 200,
-        "the admin listener",
-    );
+    wait_for_listener(admin);
     Operated {
         upstream,
         keygate,

@@ -26,6 +26,7 @@ fn start() -> Proxied {
     let v6: SocketAddr = format!("[::1]:{port}").parse().unwrap();
     let config = with_sections(&test_config(&[v4, v6], upstream.address), TRUSTED);
     let keygate = Keygate::start(&config, v4);
+    wait_for_listener(v6);
     Proxied {
         upstream,
         keygate,

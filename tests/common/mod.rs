@@ -124,6 +124,17 @@ pub fn with_sections(config: &str, sections: &str) -> String {
     config.replacen("[routes]", &format!("{sections}\n\n[routes]"), 1)
 }
 
+/// Waits until `address` accepts connections.
+///
+/// `Keygate::start` waits for one listener only; the others, and the admin listener,
+/// may open a moment later.
+pub fn wait_for_listener(address: SocketAddr) {
+    wait_until(
+        || TcpStream::connect_timeout(&address, Duration::from_millis(200)).is_ok(),
+        &format!("a listener on {address}"),
+    );
+}
+
 /// Sends `GET path` to an admin listener and returns the status and body.
 pub fn admin_get(admin: SocketAddr, path: &str) -> (u16, String) {
     let response = send("127.0.0.1", admin, &request("GET", path, &[], b""));
@@ -314,6 +325,7 @@ impl Setup {
             .map(|ip| SocketAddr::new(ip.parse().unwrap(), port))
             .collect();
         let keygate = Keygate::start(&test_config(&listen, upstream.address), listen[0]);
+        listen[1..].iter().copied().for_each(wait_for_listener);
         Self { upstream, keygate }
     }
 
