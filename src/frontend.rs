@@ -79,7 +79,11 @@ impl ServerApp for Frontend {
                 return None;
             }
             first = false;
-            let rewound = rewind(stream, &std::mem::take(&mut buffer))?;
+            // The buffer keeps its capacity, so that the next request and any body bytes
+            // that came with it are read at once; a body split here would reach the
+            // upstream in one more write.
+            let rewound = rewind(stream, &buffer)?;
+            buffer.clear();
             let mut session = ServerSession::new_http1(rewound);
             let keepalive =
                 (!*shutdown.borrow()).then_some(self.limits.keepalive_timeout.as_secs());

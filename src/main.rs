@@ -201,6 +201,9 @@ fn run(path: &Path) -> Result<(), AppError> {
 
     let server_conf = ServerConf {
         threads: 1,
+        // With one thread there is nothing to steal, and the runtime without work
+        // stealing costs less per request (docs/benchmarks.md).
+        work_stealing: false,
         // Requests in flight get the grace period after the listeners close; the
         // shutdown sequence ends the process earlier once none is left.
         grace_period_seconds: Some(settings.shutdown.grace_period.as_secs()),

@@ -4,10 +4,12 @@
 //! campaign label exists only when `[metrics] per_campaign = true`, and no label ever
 //! contains a key or an IP address.
 
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use prometheus::{
-    Encoder, Gauge, Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+    Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
 };
 
 use crate::table::Table;
@@ -21,6 +23,12 @@ pub enum RequestOutcome {
 }
 
 impl RequestOutcome {
+    const ALL: [RequestOutcome; 3] = [
+        RequestOutcome::Allowed,
+        RequestOutcome::Rejected,
+        RequestOutcome::UpstreamError,
+    ];
+
     fn as_str(self) -> &'static str {
         match self {
             RequestOutcome::Allowed => "allowed",
@@ -53,9 +61,15 @@ pub struct Metrics {
     registry: Registry,
     per_campaign: bool,
     requests: IntCounterVec,
+    /// The series of `requests` by outcome and code, made on first use so that a request
+    /// does not hash its label values and `/metrics` lists only the series seen. Not used
+    /// with a campaign label.
+    request_series: Vec<OnceLock<IntCounter>>,
     request_duration: Histogram,
     decision_duration: Histogram,
     upstream_responses: IntCounterVec,
+    /// The series of `upstream_responses` by status class, made on first use.
+    upstream_series: [OnceLock<IntCounter>; 5],
     config_reloads: IntCounterVec,
     config_generation: IntGauge,
     config_last_success: Gauge,
@@ -170,9 +184,13 @@ impl Metrics {
             registry,
             per_campaign,
             requests,
+            request_series: (0..RequestOutcome::ALL.len() * CODES.len())
+                .map(|_| OnceLock::new())
+                .collect(),
             request_duration,
             decision_duration,
             upstream_responses,
+            upstream_series: Default::default(),
             config_reloads,
             config_generation,
             config_last_success,
@@ -193,13 +211,23 @@ impl Metrics {
     ) {
         let code = if code.is_empty() { "none" } else { code };
         debug_assert!(CODES.contains(&code), "unknown code {code}");
-        let counter = if self.per_campaign {
-            self.requests
+        let series = CODES
+            .iter()
+            .position(|known| *known == code)
+            .map(|index| &self.request_series[outcome as usize * CODES.len() + index]);
+        match series {
+            Some(series) if !self.per_campaign => series
+                .get_or_init(|| self.requests.with_label_values(&[outcome.as_str(), code]))
+                .inc(),
+            _ if self.per_campaign => self
+                .requests
                 .with_label_values(&[outcome.as_str(), code, campaign.unwrap_or("")])
-        } else {
-            self.requests.with_label_values(&[outcome.as_str(), code])
-        };
-        counter.inc();
+                .inc(),
+            _ => self
+                .requests
+                .with_label_values(&[outcome.as_str(), code])
+                .inc(),
+        }
         self.request_duration.observe(duration.as_secs_f64());
     }
 
@@ -210,14 +238,16 @@ impl Metrics {
 
     /// Counts a response from the upstream by its status class.
     pub fn record_upstream_status(&self, status: u16) {
-        let class = match status {
-            100..=199 => "1xx",
-            200..=299 => "2xx",
-            300..=399 => "3xx",
-            400..=499 => "4xx",
-            _ => "5xx",
+        let (index, class) = match status {
+            100..=199 => (0, "1xx"),
+            200..=299 => (1, "2xx"),
+            300..=399 => (2, "3xx"),
+            400..=499 => (3, "4xx"),
+            _ => (4, "5xx"),
         };
-        self.upstream_responses.with_label_values(&[class]).inc();
+        self.upstream_series[index]
+            .get_or_init(|| self.upstream_responses.with_label_values(&[class]))
+            .inc();
     }
 
     /// Counts a reload that read a new version of the file and was rejected.

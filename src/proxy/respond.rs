@@ -25,15 +25,27 @@ pub struct ErrorReply {
 
 /// Renders the JSON body of an error response.
 pub fn error_body(reply: &ErrorReply, request_id: &str) -> Bytes {
-    let body = serde_json::json!({
-        "error": {
-            "code": reply.code,
-            "message": reply.message,
-            "type": reply.error_type,
-            "id": request_id,
-        }
-    });
-    Bytes::from(body.to_string())
+    #[derive(serde::Serialize)]
+    struct Body<'a> {
+        error: Fields<'a>,
+    }
+    #[derive(serde::Serialize)]
+    struct Fields<'a> {
+        code: &'a str,
+        message: &'a str,
+        #[serde(rename = "type")]
+        error_type: &'a str,
+        id: &'a str,
+    }
+    let body = Body {
+        error: Fields {
+            code: reply.code,
+            message: reply.message,
+            error_type: reply.error_type,
+            id: request_id,
+        },
+    };
+    Bytes::from(serde_json::to_vec(&body).expect("strings always serialize"))
 }
 
 /// Builds the response header of an error response.
