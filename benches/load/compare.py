@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
-"""Compares keygate with nginx doing the same checks, on one machine, in one run.
+"""Compares keygate with nginx and HAProxy doing the same checks, on one machine, in one run.
 
-It starts a fast upstream (nginx returning a fixed JSON body), nginx configured as a key
-and allowlist filter like keygate's (`geo` allowlists, a `map` from Authorization to
-campaign, the campaign checked against the path, identity headers set), and keygate in
-release mode, then drives each with wrk in interleaved rounds. Servers run on CPU 0 and
-wrk on CPU 1 (`taskset`), so the proxies compete with the upstream, not with the load
-generator. CPU time per request comes from /proc/PID/stat of the proxy's processes.
+It starts a fast upstream (nginx returning a fixed JSON body); nginx and HAProxy
+configured as key and allowlist filters like keygate's (per-campaign address lists, the
+Authorization header mapped to a campaign, the campaign checked against the path,
+identity headers set); and one or more keygate release binaries. It drives each with wrk
+in interleaved rounds. Servers run on CPU 0 and wrk on CPU 1 (`taskset`), so the proxies
+compete with the upstream, not with the load generator. CPU time per request comes from
+/proc/PID/stat of each proxy's processes.
 
 Scenarios: allowed POST with a small JSON body and allowed GET on kept-alive
 connections, POST with an unknown key (401), POST with a key whose campaign does not
@@ -14,24 +15,32 @@ allow the client (403; wrk cannot choose its source address, so the client is 12
 and the key's campaign allows only 127.0.0.2), and allowed POST with a new connection per
 request.
 
-Run from the repository root (installs nginx and wrk with apt-get when missing, builds
-keygate with cargo, stops every process it started):
-    python3 benches/load/compare.py --seconds 5 --rounds 3
+With --instructions N, each proxy is then started again under callgrind, and for each
+scenario the instructions it executes for N requests from one client are counted (user
+space only; the counters are zeroed after a warm-up). This figure does not depend on
+machine noise.
+
+Run from the repository root (installs nginx, HAProxy, wrk and valgrind with apt-get
+when missing, builds keygate with cargo, stops every process it started):
+    python3 benches/load/compare.py --seconds 5 --rounds 3 --instructions 2000
+Compare keygate builds side by side with --keygate NAME=PATH, once for each binary.
 """
 
 import argparse
 import hashlib
+import http.client
 import os
 import re
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 
-UPSTREAM_PORT, NGINX_PORT, KEYGATE_PORT = 18080, 18081, 18083
+UPSTREAM_PORT, NGINX_PORT, HAPROXY_PORT, KEYGATE_PORT = 18080, 18081, 18082, 18083
 KEY_A = "key_test_" + "A" * 43
 KEY_B = "key_test_" + "B" * 43
 BODY = '{"recipient":"+15550100","body":"hello"}'
@@ -39,6 +48,7 @@ PATH_A = "/api/v2/campaigns/campaign_a/messages"
 PATH_B = "/api/v2/campaigns/campaign_b/messages"
 TICKS = os.sysconf("SC_CLK_TCK")
 
+# name: (method, path, key, with body, new connection per request)
 SCENARIOS = {
     "post": ("POST", PATH_A, KEY_A, True, False),
     "get": ("GET", PATH_A, KEY_A, False, False),
@@ -46,22 +56,29 @@ SCENARIOS = {
     "reject_403": ("POST", PATH_B, KEY_B, True, False),
     "new_connection": ("POST", PATH_A, KEY_A, True, True),
 }
+TOOLS = {"nginx": "nginx-light", "haproxy": "haproxy", "wrk": "wrk", "valgrind": "valgrind",
+         "callgrind_control": "valgrind"}
 
 
-def ensure_tools():
-    missing = [tool for tool in ("nginx", "wrk", "taskset") if shutil.which(tool) is None]
+def ensure_tools(keygates):
+    missing = sorted({package for tool, package in TOOLS.items() if shutil.which(tool) is None})
     if missing:
         subprocess.run(["apt-get", "update", "-qq"], check=True)
-        subprocess.run(["apt-get", "install", "-y", "-qq", "nginx-light", "wrk"], check=True,
+        subprocess.run(["apt-get", "install", "-y", "-qq", *missing], check=True,
                        env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
-    subprocess.run(["cargo", "build", "--release", "--quiet", "--bin", "keygate"], check=True)
+    if "target/release/keygate" in keygates.values():
+        subprocess.run(["cargo", "build", "--release", "--quiet", "--bin", "keygate"], check=True)
 
 
 def nginx_conf(workdir, name, server_block):
     path = os.path.join(workdir, f"{name}.conf")
+    for directory in ("body", "proxy"):
+        os.makedirs(os.path.join(workdir, f"{name}-{directory}"), exist_ok=True)
     with open(path, "w") as file:
+        # One process without a master, so that callgrind measures the worker itself.
         file.write(f"""
 worker_processes 1;
+master_process off;
 pid {workdir}/{name}.pid;
 error_log {workdir}/{name}.error.log warn;
 daemon off;
@@ -78,8 +95,8 @@ http {{
     return path
 
 
-def configs(workdir):
-    upstream = nginx_conf(workdir, "upstream", f"""
+def upstream_conf(workdir):
+    return nginx_conf(workdir, "upstream", f"""
     server {{
         listen 127.0.0.1:{UPSTREAM_PORT};
         location / {{
@@ -87,7 +104,10 @@ def configs(workdir):
             return 201 '{{"id":"message_1","latestStatus":"created"}}';
         }}
     }}""")
-    proxy = nginx_conf(workdir, "nginx_proxy", f"""
+
+
+def nginx_proxy_conf(workdir):
+    return nginx_conf(workdir, "nginx_proxy", f"""
     geo $allowed_a {{ default 0; 127.0.0.1 1; }}
     geo $allowed_b {{ default 0; 127.0.0.2 1; }}
     geo $any_campaign {{ default 0; 127.0.0.1 1; 127.0.0.2 1; }}
@@ -117,11 +137,52 @@ def configs(workdir):
             proxy_set_header X-Forwarded-For $remote_addr;
         }}
     }}""")
-    keygate = os.path.join(workdir, "keygate.toml")
-    with open(keygate, "w") as file:
+
+
+def haproxy_conf(workdir):
+    path = os.path.join(workdir, "haproxy.cfg")
+    error = 'content-type application/json string \'{"error":{"code":"%s"}}\''
+    with open(path, "w") as file:
+        # HAProxy 2.6 cannot raise its file limit for a larger maxconn on this machine.
+        file.write(f"""
+global
+    nbthread 1
+    maxconn 4000
+defaults
+    mode http
+    timeout connect 2s
+    timeout client 30s
+    timeout server 30s
+    option http-keep-alive
+frontend keys
+    bind 127.0.0.1:{HAPROXY_PORT}
+    acl key_a req.hdr(authorization) -m str "Bearer {KEY_A}"
+    acl key_b req.hdr(authorization) -m str "Bearer {KEY_B}"
+    acl from_a src 127.0.0.1
+    acl from_b src 127.0.0.2
+    acl path_a path_reg ^/api/v2/campaigns/campaign_a(/|$)
+    acl path_b path_reg ^/api/v2/campaigns/campaign_b(/|$)
+    http-request return status 403 {error % "invalid_ip_address_used"} unless from_a or from_b
+    http-request return status 401 {error % "invalid_api_key_provided"} unless key_a or key_b
+    http-request return status 403 {error % "invalid_ip_address_used"} if key_a !from_a or key_b !from_b
+    http-request return status 403 {error % "campaign_not_allowed"} if key_a !path_a or key_b !path_b
+    http-request set-header X-Keygate-Campaign campaign_a if key_a
+    http-request set-header X-Keygate-Campaign campaign_b if key_b
+    http-request set-header X-Forwarded-For %[src]
+    default_backend upstream
+backend upstream
+    http-reuse always
+    server upstream 127.0.0.1:{UPSTREAM_PORT}
+""")
+    return path
+
+
+def keygate_conf(workdir, port):
+    path = os.path.join(workdir, f"keygate-{port}.toml")
+    with open(path, "w") as file:
         file.write(f"""environment = "test"
 [listen]
-proxy = ["127.0.0.1:{KEYGATE_PORT}"]
+proxy = ["127.0.0.1:{port}"]
 [upstream]
 address = "127.0.0.1:{UPSTREAM_PORT}"
 [routes]
@@ -137,7 +198,19 @@ id = "campaign_b"
 allowed_ips = ["127.0.0.2"]
 keys = [{{ id = "primary", sha256 = "{hashlib.sha256(KEY_B.encode()).hexdigest()}" }}]
 """)
-    return upstream, proxy, keygate
+    return path
+
+
+def proxies(workdir, keygates):
+    """Returns each proxy under test: name -> (port, command)."""
+    targets = {
+        "nginx": (NGINX_PORT, ["nginx", "-c", nginx_proxy_conf(workdir)]),
+        "haproxy": (HAPROXY_PORT, ["haproxy", "-db", "-f", haproxy_conf(workdir)]),
+    }
+    for offset, (name, binary) in enumerate(keygates.items()):
+        port = KEYGATE_PORT + offset
+        targets[name] = (port, [binary, "run", "--config", keygate_conf(workdir, port)])
+    return targets
 
 
 def wrk_script(workdir, name, method, path, key, body, close):
@@ -153,14 +226,27 @@ def wrk_script(workdir, name, method, path, key, body, close):
     return script
 
 
-def status_of(port, method, path, key, body):
-    import http.client
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-    connection.request(method, path, body=BODY if body else None,
-                       headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
-    status = connection.getresponse().status
-    connection.close()
-    return status
+def send_requests(port, scenario, count):
+    """Sends `count` requests of a scenario from one client and returns their statuses."""
+    method, path, key, body, close = SCENARIOS[scenario]
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+    if close:
+        headers["Connection"] = "close"
+    statuses = set()
+    connection = None
+    for _ in range(count):
+        if connection is None:
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        connection.request(method, path, body=BODY if body else None, headers=headers)
+        response = connection.getresponse()
+        response.read()
+        statuses.add(response.status)
+        if response.will_close:
+            connection.close()
+            connection = None
+    if connection is not None:
+        connection.close()
+    return statuses
 
 
 def cpu_seconds(pids):
@@ -180,12 +266,16 @@ def process_tree(pid):
     return [pid] + [int(child) for child in children]
 
 
-def wait_port(port):
-    deadline = time.monotonic() + 20
+def wait_port(port, process, seconds=20):
+    deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        if subprocess.run(["curl", "-s", "-o", "/dev/null", f"http://127.0.0.1:{port}/"]).returncode == 0:
+        if process.poll() is not None:
+            sys.exit(f"the server for port {port} exited with {process.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
             return
-        time.sleep(0.1)
+        except OSError:
+            time.sleep(0.1)
     sys.exit(f"nothing answers on port {port}")
 
 
@@ -207,67 +297,133 @@ def run_wrk(port, script, seconds, connections):
             "non_2xx": int(non_2xx.group(1)) if non_2xx else 0, "socket_errors": errors.group(1) if errors else ""}
 
 
+class Servers:
+    """Starts servers pinned to CPU 0 and stops every one of them on exit."""
+
+    def __init__(self):
+        self.processes = []
+
+    def start(self, command, port, prefix=(), seconds=20):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            sys.exit(f"port {port} is already in use by another process")
+        except OSError:
+            pass
+        process = subprocess.Popen(["taskset", "-c", "0", *prefix, *command],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.processes.append(process)
+        wait_port(port, process, seconds)
+        return process
+
+    def stop(self, process):
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        self.processes.remove(process)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *_):
+        for process in list(self.processes):
+            self.stop(process)
+
+
+def load_rounds(servers, targets, workdir, arguments):
+    started = {name: servers.start(command, port) for name, (port, command) in targets.items()}
+    for scenario, spec in SCENARIOS.items():
+        method, path, key, body, _ = spec
+        statuses = {name: send_requests(port, scenario, 1) for name, (port, _) in targets.items()}
+        if len({tuple(status) for status in statuses.values()}) != 1:
+            sys.exit(f"{scenario}: the proxies answer differently: {statuses}")
+        print(f"{scenario}: every proxy returns {statuses['nginx']}", file=sys.stderr)
+    scripts = {name: wrk_script(workdir, name, *spec) for name, spec in SCENARIOS.items()}
+    for script in scripts.values():  # warm-up
+        for port, _ in targets.values():
+            run_wrk(port, script, 1, 8)
+    results = {(scenario, name): [] for scenario in SCENARIOS for name in targets}
+    for _ in range(arguments.rounds):
+        for scenario, script in scripts.items():
+            for name, (port, _) in targets.items():
+                pids = process_tree(started[name].pid)
+                before = cpu_seconds(pids)
+                run = run_wrk(port, script, arguments.seconds, arguments.connections)
+                run["cpu_us"] = (cpu_seconds(pids) - before) / max(run["requests"], 1) * 1e6
+                results[(scenario, name)].append(run)
+    for process in started.values():
+        servers.stop(process)
+    return results
+
+
+def instruction_counts(servers, targets, workdir, count):
+    """Counts the user-space instructions per request of each proxy under callgrind."""
+    counts = {}
+    for name, (port, command) in targets.items():
+        output = os.path.join(workdir, f"callgrind.{name}")
+        process = servers.start(command, port, seconds=120, prefix=(
+            "valgrind", "--tool=callgrind", "--vgdb=yes", "--trace-children=yes", f"--callgrind-out-file={output}"))
+        for scenario in SCENARIOS:
+            send_requests(port, scenario, 50)
+            subprocess.run(["callgrind_control", "--zero", str(process.pid)], check=True, capture_output=True)
+            send_requests(port, scenario, count)
+            subprocess.run(["callgrind_control", "--dump", str(process.pid)], check=True, capture_output=True)
+            dumps = [file for file in os.listdir(workdir) if file.startswith(f"callgrind.{name}.")]
+            latest = max(dumps, key=lambda file: int(file.rsplit(".", 1)[1]))
+            with open(os.path.join(workdir, latest)) as dump:
+                total = int(re.search(r"^summary: (\d+)", dump.read(), re.M).group(1))
+            counts[(scenario, name)] = total / count
+            print(f"{scenario}: {name}: {total / count:,.0f} instructions per request", file=sys.stderr)
+        servers.stop(process)
+    return counts
+
+
+def print_report(results, counts, names):
+    def median(runs, field):
+        return statistics.median(run[field] for run in runs)
+
+    print("| scenario | target | req/s median (min-max) | ratio to nginx | p50 ms | p99 ms "
+          "| CPU µs/req median (min-max) | ratio to nginx | instructions/req | ratio to nginx "
+          "| non-2xx | socket errors |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for scenario in SCENARIOS:
+        base = results[(scenario, "nginx")]
+        base_rate, base_cpu = median(base, "rate"), median(base, "cpu_us")
+        base_count = counts.get((scenario, "nginx"))
+        for name in names:
+            runs = results[(scenario, name)]
+            rate, cpu = median(runs, "rate"), median(runs, "cpu_us")
+            count = counts.get((scenario, name))
+            instructions = f"{count:,.0f} | {count / base_count:.2f}" if count and base_count else "- | -"
+            print(f"| {scenario} | {name} "
+                  f"| {rate:,.0f} ({min(r['rate'] for r in runs):,.0f}-{max(r['rate'] for r in runs):,.0f}) "
+                  f"| {rate / base_rate:.2f} | {median(runs, 'p50'):.2f} | {median(runs, 'p99'):.2f} "
+                  f"| {cpu:.1f} ({min(r['cpu_us'] for r in runs):.1f}-{max(r['cpu_us'] for r in runs):.1f}) "
+                  f"| {cpu / base_cpu:.2f} | {instructions} "
+                  f"| {sum(r['non_2xx'] for r in runs)} | {runs[-1]['socket_errors'] or '-'} |")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--instructions", type=int, default=0, metavar="N",
+                        help="count instructions over N requests per scenario under callgrind (0: skip)")
+    parser.add_argument("--keygate", action="append", metavar="NAME=PATH",
+                        help="a keygate binary to compare (default: keygate=target/release/keygate)")
     arguments = parser.parse_args()
-    ensure_tools()
-    processes = []
-    with tempfile.TemporaryDirectory() as workdir:
-        for name in ("upstream-body", "upstream-proxy", "nginx_proxy-body", "nginx_proxy-proxy"):
-            os.makedirs(os.path.join(workdir, name))
-        upstream_conf, proxy_conf, keygate_conf = configs(workdir)
-        try:
-            for command in (["nginx", "-c", upstream_conf], ["nginx", "-c", proxy_conf],
-                            ["target/release/keygate", "run", "--config", keygate_conf]):
-                processes.append(subprocess.Popen(["taskset", "-c", "0", *command],
-                                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-            for port in (UPSTREAM_PORT, NGINX_PORT, KEYGATE_PORT):
-                wait_port(port)
-            targets = {"nginx": (NGINX_PORT, processes[1].pid), "keygate": (KEYGATE_PORT, processes[2].pid)}
-            scripts = {name: wrk_script(workdir, name, *spec) for name, spec in SCENARIOS.items()}
-            for name, (method, path, key, body, _) in SCENARIOS.items():
-                statuses = {target: status_of(port, method, path, key, body) for target, (port, _) in targets.items()}
-                if len(set(statuses.values())) != 1:
-                    sys.exit(f"{name}: nginx and keygate answer differently: {statuses}")
-                print(f"{name}: both answer {statuses['nginx']}", file=sys.stderr)
-            for name, script in scripts.items():  # warm-up
-                for target, (port, _) in targets.items():
-                    run_wrk(port, script, 1, 8)
-            results = {(scenario, target): [] for scenario in SCENARIOS for target in targets}
-            for _ in range(arguments.rounds):
-                for scenario, script in scripts.items():
-                    for target, (port, pid) in targets.items():
-                        pids = process_tree(pid)
-                        before = cpu_seconds(pids)
-                        run = run_wrk(port, script, arguments.seconds, arguments.connections)
-                        run["cpu_us"] = (cpu_seconds(pids) - before) / max(run["requests"], 1) * 1e6
-                        results[(scenario, target)].append(run)
-        finally:
-            for process in processes:
-                process.send_signal(signal.SIGINT if process is processes[-1] else signal.SIGQUIT)
-            for process in processes:
-                try:
-                    process.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-
-    print(f"| scenario | target | req/s median (min-max) | ratio to nginx | p50 ms | p99 ms | CPU us/req | ratio to nginx | non-2xx | socket errors |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for scenario in SCENARIOS:
-        base = results[(scenario, "nginx")]
-        base_rate = statistics.median(r["rate"] for r in base)
-        base_cpu = statistics.median(r["cpu_us"] for r in base)
-        for target in ("nginx", "keygate"):
-            runs = results[(scenario, target)]
-            rate = statistics.median(r["rate"] for r in runs)
-            cpu = statistics.median(r["cpu_us"] for r in runs)
-            print(f"| {scenario} | {target} | {rate:,.0f} ({min(r['rate'] for r in runs):,.0f}-{max(r['rate'] for r in runs):,.0f}) "
-                  f"| {rate / base_rate:.2f} | {statistics.median(r['p50'] for r in runs):.2f} "
-                  f"| {statistics.median(r['p99'] for r in runs):.2f} | {cpu:.1f} | {cpu / base_cpu:.2f} "
-                  f"| {sum(r['non_2xx'] for r in runs)} | {runs[-1]['socket_errors'] or '-'} |")
+    keygates = dict(entry.split("=", 1) for entry in arguments.keygate or ["keygate=target/release/keygate"])
+    ensure_tools(keygates)
+    with tempfile.TemporaryDirectory() as workdir, Servers() as servers:
+        servers.start(["nginx", "-c", upstream_conf(workdir)], UPSTREAM_PORT)
+        targets = proxies(workdir, keygates)
+        results = load_rounds(servers, targets, workdir, arguments)
+        counts = instruction_counts(servers, targets, workdir, arguments.instructions) \
+            if arguments.instructions else {}
+    print_report(results, counts, list(targets))
 
 
 if __name__ == "__main__":
