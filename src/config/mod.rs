@@ -7,6 +7,7 @@
 mod address;
 mod error;
 mod file;
+mod pieces;
 mod validate;
 
 use std::net::SocketAddr;
@@ -139,8 +140,29 @@ pub fn load(path: &Path) -> Result<Config, LoadError> {
 pub fn parse(path: &str, text: &str) -> Result<Config, ConfigErrors> {
     let source = Source::new(path, text);
     let mut report = Report::new(&source);
+    let file = match pieces::parse(path, text) {
+        Some(file) => file,
+        None => parse_document(text, &mut report)?,
+    };
+    match validate::build(file, &mut report) {
+        Some((table, settings)) if report.errors.is_empty() => Ok(Config {
+            table,
+            settings,
+            sha256: Sha256::digest(text.as_bytes()).into(),
+        }),
+        _ => {
+            report.errors.sort_by_key(|error| error.line);
+            Err(ConfigErrors(report.errors))
+        }
+    }
+}
+
+/// Parses the whole text as one document, reporting syntax errors, unknown keys and
+/// values of the wrong type.
+fn parse_document(text: &str, report: &mut Report<'_>) -> Result<file::FileConfig, ConfigErrors> {
     // NOTE: toml 1.2 keeps the whole file as tokens, events and a document tree while it
     // parses, about 20 times the file size at the peak (a 66 MiB file peaks near 1.4 GiB).
+    // A file without errors in the usual shape is parsed in pieces instead (`pieces`).
     let mut root = match DeTable::parse(text) {
         Ok(root) => root,
         Err(error) => {
@@ -152,14 +174,14 @@ pub fn parse(path: &str, text: &str) -> Result<Config, ConfigErrors> {
                 None,
                 format!("invalid TOML: {}", error.message().trim_end()),
             );
-            return Err(ConfigErrors(report.errors));
+            return Err(ConfigErrors(std::mem::take(&mut report.errors)));
         }
     };
     // Unknown keys are reported and removed, so that the rest of the file is still
     // checked and every error is reported at once.
-    remove_unknown_keys(root.get_mut(), schema::ROOT, "", None, &mut report);
-    let file = match file::FileConfig::deserialize(toml::de::Deserializer::from(root)) {
-        Ok(file) => file,
+    remove_unknown_keys(root.get_mut(), schema::ROOT, "", None, report);
+    match file::FileConfig::deserialize(toml::de::Deserializer::from(root)) {
+        Ok(file) => Ok(file),
         Err(error) => {
             let span = error.span().unwrap_or(0..0);
             let (field, campaign) = locate(text, span.start);
@@ -171,18 +193,7 @@ pub fn parse(path: &str, text: &str) -> Result<Config, ConfigErrors> {
                 plain_type_names(error.message().trim_end()),
             );
             report.errors.sort_by_key(|error| error.line);
-            return Err(ConfigErrors(report.errors));
-        }
-    };
-    match validate::build(file, &mut report) {
-        Some((table, settings)) if report.errors.is_empty() => Ok(Config {
-            table,
-            settings,
-            sha256: Sha256::digest(text.as_bytes()).into(),
-        }),
-        _ => {
-            report.errors.sort_by_key(|error| error.line);
-            Err(ConfigErrors(report.errors))
+            Err(ConfigErrors(std::mem::take(&mut report.errors)))
         }
     }
 }

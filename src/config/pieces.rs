@@ -1,0 +1,299 @@
+//! Parsing a large file piece by piece: the settings first, then each campaign on its own.
+//!
+//! The toml parser holds the tokens, events and document tree of the whole text while it
+//! parses, about 20 times the file size. Parsed one campaign at a time, a file of 100,000
+//! campaigns needs a small fraction of that. This path is taken only for a file whose
+//! settings come before its first `[[campaigns]]` table and whose pieces all parse and
+//! deserialize without an error. Any other file goes through the whole-document parse, so
+//! that errors are reported exactly as before.
+
+use std::ops::Range;
+
+use serde::Deserialize;
+use toml::de::DeTable;
+use toml::Spanned;
+use toml_parser::lexer::TokenKind;
+
+use super::error::{Report, Source};
+use super::file::schema;
+use super::file::{CampaignSection, FileConfig, KeySection, RateLimitSection};
+use super::remove_unknown_keys;
+
+/// A file cut at its top-level table headers.
+#[derive(Debug, PartialEq, Eq)]
+struct Pieces {
+    /// The text before the first `[[campaigns]]` header.
+    settings: Range<usize>,
+    /// One range for each campaign, from its `[[campaigns]]` header to the next one.
+    campaigns: Vec<Range<usize>>,
+}
+
+/// The file shape of one campaign's piece.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CampaignPiece {
+    campaigns: Vec<Spanned<CampaignSection>>,
+}
+
+/// Parses `text` piece by piece, or returns `None` when the file needs the whole-document
+/// parse: its shape is not settings then campaigns, or some piece has an error.
+pub(super) fn parse(path: &str, text: &str) -> Option<FileConfig> {
+    let pieces = split(text)?;
+    let mut file: FileConfig = parse_piece(path, &text[pieces.settings.clone()])?;
+    if !file.campaigns.is_empty() {
+        // Campaigns written another way, such as `campaigns = [...]`.
+        return None;
+    }
+    file.campaigns.reserve_exact(pieces.campaigns.len());
+    for range in pieces.campaigns {
+        let piece: CampaignPiece = parse_piece(path, &text[range.clone()])?;
+        file.campaigns.extend(
+            piece
+                .campaigns
+                .into_iter()
+                .map(|campaign| shift_campaign(campaign, range.start)),
+        );
+    }
+    Some(file)
+}
+
+/// Parses one piece as a document of its own. Returns `None` on a syntax error, an unknown
+/// key or a value of the wrong type.
+fn parse_piece<'de, T: Deserialize<'de>>(path: &str, text: &'de str) -> Option<T> {
+    let mut root = DeTable::parse(text).ok()?;
+    let source = Source::new(path, text);
+    let mut report = Report::new(&source);
+    remove_unknown_keys(root.get_mut(), schema::ROOT, "", None, &mut report);
+    if !report.errors.is_empty() {
+        return None;
+    }
+    T::deserialize(toml::de::Deserializer::from(root)).ok()
+}
+
+/// Finds the top-level table headers of `text` with the toml lexer, which reads strings
+/// and comments whole, so a `[` inside them is never taken for a header.
+fn split(text: &str) -> Option<Pieces> {
+    let mut tokens = toml_parser::Source::new(text).lex().peekable();
+    let mut depth: usize = 0;
+    let mut line_start = true;
+    let mut first_campaign: Option<usize> = None;
+    let mut campaigns: Vec<Range<usize>> = Vec::new();
+    while let Some(token) = tokens.next() {
+        match token.kind() {
+            TokenKind::Newline => line_start = depth == 0,
+            TokenKind::Whitespace | TokenKind::Comment => {}
+            TokenKind::LeftSquareBracket if depth == 0 && line_start => {
+                let start = token.span().start();
+                let mut end = token.span().end();
+                while let Some(next) = tokens.peek() {
+                    if matches!(next.kind(), TokenKind::Newline | TokenKind::Comment) {
+                        break;
+                    }
+                    end = next.span().end();
+                    tokens.next();
+                }
+                let header = text[start..end].trim_end();
+                match classify(header)? {
+                    Header::Campaign => {
+                        if let Some(last) = campaigns.last_mut() {
+                            last.end = start;
+                        }
+                        first_campaign.get_or_insert(start);
+                        campaigns.push(start..text.len());
+                    }
+                    Header::CampaignPart if first_campaign.is_some() => {}
+                    Header::CampaignPart => return None,
+                    Header::Other if first_campaign.is_some() => return None,
+                    Header::Other => {}
+                }
+                line_start = false;
+            }
+            TokenKind::LeftSquareBracket | TokenKind::LeftCurlyBracket => {
+                depth += 1;
+                line_start = false;
+            }
+            TokenKind::RightSquareBracket | TokenKind::RightCurlyBracket => {
+                depth = depth.checked_sub(1)?;
+                line_start = false;
+            }
+            _ => line_start = false,
+        }
+    }
+    Some(Pieces {
+        settings: 0..first_campaign.unwrap_or(text.len()),
+        campaigns,
+    })
+}
+
+/// A top-level table header, by what it opens.
+enum Header {
+    /// `[[campaigns]]`: a new campaign.
+    Campaign,
+    /// A table inside the current campaign, such as `[[campaigns.keys]]`.
+    CampaignPart,
+    Other,
+}
+
+/// Classifies a header line without its comment. Returns `None` for a header this
+/// splitter does not read, such as one with quoted keys, which the whole-document parse
+/// handles instead.
+fn classify(header: &str) -> Option<Header> {
+    let (inner, array) = match header.strip_prefix("[[") {
+        Some(rest) => (rest.strip_suffix("]]")?, true),
+        None => (header.strip_prefix('[')?.strip_suffix(']')?, false),
+    };
+    if inner.contains(['"', '\'', '[', ']']) {
+        return None;
+    }
+    let mut names = inner.split('.').map(str::trim);
+    let first = names.next()?;
+    let rest = names.count();
+    Some(match (first, rest, array) {
+        ("campaigns", 0, true) => Header::Campaign,
+        ("campaigns", 0, false) => Header::Other,
+        ("campaigns", _, _) => Header::CampaignPart,
+        _ => Header::Other,
+    })
+}
+
+/// Moves a span that is relative to a piece to the position in the whole file.
+fn shift<T>(value: Spanned<T>, offset: usize, inner: impl FnOnce(T) -> T) -> Spanned<T> {
+    let span = value.span();
+    Spanned::new(
+        span.start + offset..span.end + offset,
+        inner(value.into_inner()),
+    )
+}
+
+fn same<T>(value: T) -> T {
+    value
+}
+
+fn shift_campaign(campaign: Spanned<CampaignSection>, offset: usize) -> Spanned<CampaignSection> {
+    shift(campaign, offset, |campaign| CampaignSection {
+        id: shift(campaign.id, offset, same),
+        allowed_ips: campaign
+            .allowed_ips
+            .into_iter()
+            .map(|ip| shift(ip, offset, same))
+            .collect(),
+        allow_any_ip: campaign.allow_any_ip,
+        rate_limit: campaign
+            .rate_limit
+            .map(|limit| shift(limit, offset, |limit| shift_rate_limit(limit, offset))),
+        keys: campaign
+            .keys
+            .into_iter()
+            .map(|key| shift(key, offset, |key| shift_key(key, offset)))
+            .collect(),
+    })
+}
+
+fn shift_rate_limit(limit: RateLimitSection, offset: usize) -> RateLimitSection {
+    RateLimitSection {
+        requests: shift(limit.requests, offset, same),
+        per_seconds: shift(limit.per_seconds, offset, same),
+    }
+}
+
+fn shift_key(key: KeySection, offset: usize) -> KeySection {
+    KeySection {
+        id: shift(key.id, offset, same),
+        sha256: shift(key.sha256, offset, same),
+        expires_at: key.expires_at.map(|expires| shift(expires, offset, same)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Settings, then campaigns with errors that only validation finds, written in the
+    /// forms TOML allows: tables, inline tables, dotted tables, comments.
+    const CAMPAIGNS: &str = r#"environment = "test" # comment with [[campaigns]]
+[listen]
+proxy = [
+  "127.0.0.1:8080",
+]
+[upstream]
+address = "127.0.0.1:9000"
+[routes]
+campaign_paths = ["/api/v2/campaigns/{campaign}"]
+
+[[campaigns]]
+id = "campaign_a"
+allowed_ips = ["203.0.113.0/24", "10.0.0.01"]
+[campaigns.rate_limit]
+requests = 0
+per_seconds = 1
+[[campaigns.keys]]
+id = "primary"
+sha256 = "1111111111111111111111111111111111111111111111111111111111111111"
+expires_at = "2027-13-30T00:00:00Z"
+
+[[campaigns]]
+id = "campaign_a"
+allowed_ips = []
+keys = [{ id = "k", sha256 = "1111111111111111111111111111111111111111111111111111111111111111" }, { id = "k", sha256 = "ABC" }]
+"#;
+
+    #[test]
+    fn pieces_match_whole_document() {
+        let source = Source::new("test.toml", CAMPAIGNS);
+        let mut report = Report::new(&source);
+        let whole = super::super::parse_document(CAMPAIGNS, &mut report).unwrap();
+        let pieces = parse("test.toml", CAMPAIGNS).expect("the pieces parse");
+        assert_eq!(format!("{pieces:?}"), format!("{whole:?}"));
+        let errors = super::super::parse("test.toml", CAMPAIGNS).unwrap_err().0;
+        assert!(errors.len() >= 6, "{errors:?}");
+    }
+
+    #[test]
+    fn pieces_decline_errors() {
+        for (from, to) in [
+            ("requests = 0", "requests = \"0\""),
+            ("requests = 0", "requests = 0\nburst = 1"),
+            ("per_seconds = 1", "per_seconds = "),
+        ] {
+            let text = CAMPAIGNS.replacen(from, to, 1);
+            assert!(parse("test.toml", &text).is_none(), "{to}");
+        }
+    }
+
+    #[test]
+    fn split_settings_then_campaigns() {
+        let text = "environment = \"test\"\n[listen]\nproxy = [\n  \"127.0.0.1:1\",\n]\n\
+                    [[campaigns]]\nid = \"a\"\n[[campaigns.keys]]\nid = \"k\"\n\
+                    [campaigns.rate_limit] # per campaign\nrequests = 1\n\
+                    [[ campaigns ]]\nid = \"b\"\n";
+        let pieces = split(text).unwrap();
+        let first = text.find("[[campaigns]]").unwrap();
+        let second = text.find("[[ campaigns ]]").unwrap();
+        assert_eq!(pieces.settings, 0..first);
+        assert_eq!(pieces.campaigns, vec![first..second, second..text.len()]);
+    }
+
+    #[test]
+    fn split_ignores_brackets_in_values() {
+        let text = "a = \"\"\"\n[[campaigns]]\n\"\"\"\nb = [\n[1],\n]\n# [[campaigns]]\n";
+        assert_eq!(
+            split(text).unwrap(),
+            Pieces {
+                settings: 0..text.len(),
+                campaigns: vec![],
+            }
+        );
+    }
+
+    #[test]
+    fn split_declines_other_shapes() {
+        for text in [
+            "[[campaigns]]\nid = \"a\"\n[log]\naccess = false\n",
+            "[campaigns.keys]\nid = \"a\"\n",
+            "[[\"campaigns\"]]\nid = \"a\"\n",
+            "a = ]\n",
+        ] {
+            assert_eq!(split(text), None, "{text}");
+        }
+    }
+}
