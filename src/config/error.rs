@@ -101,6 +101,11 @@ impl<'s> Report<'s> {
         self.source.line(offset)
     }
 
+    /// The file that the errors refer to.
+    pub fn source(&self) -> &'s Source<'s> {
+        self.source
+    }
+
     /// Records an error at `span` of the file.
     pub fn error(
         &mut self,

@@ -7,6 +7,7 @@
 mod address;
 mod error;
 mod file;
+mod parallel;
 mod pieces;
 mod validate;
 
@@ -138,9 +139,14 @@ pub fn load(path: &Path) -> Result<Config, LoadError> {
 
 /// Parses and validates configuration text; `path` only names the file in errors.
 pub fn parse(path: &str, text: &str) -> Result<Config, ConfigErrors> {
+    parse_digested(path, text, Sha256::digest(text.as_bytes()).into())
+}
+
+/// Parses and validates configuration text whose SHA-256 the caller has computed.
+pub fn parse_digested(path: &str, text: &str, sha256: [u8; 32]) -> Result<Config, ConfigErrors> {
     let source = Source::new(path, text);
     let mut report = Report::new(&source);
-    let file = match pieces::parse(path, text) {
+    let file = match pieces::parse(text) {
         Some(file) => file,
         None => parse_document(text, &mut report)?,
     };
@@ -148,7 +154,7 @@ pub fn parse(path: &str, text: &str) -> Result<Config, ConfigErrors> {
         Some((table, settings)) if report.errors.is_empty() => Ok(Config {
             table,
             settings,
-            sha256: Sha256::digest(text.as_bytes()).into(),
+            sha256,
         }),
         _ => {
             report.errors.sort_by_key(|error| error.line);

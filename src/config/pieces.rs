@@ -9,15 +9,15 @@
 
 use std::ops::Range;
 
+use serde::de::DeserializeOwned;
 use serde::Deserialize;
-use toml::de::DeTable;
+use toml::de::{DeTable, DeValue};
 use toml::Spanned;
 use toml_parser::lexer::TokenKind;
 
-use super::error::{Report, Source};
-use super::file::schema;
+use super::file::schema::{self, Child};
 use super::file::{CampaignSection, FileConfig, KeySection, RateLimitSection};
-use super::remove_unknown_keys;
+use super::parallel::map_chunks;
 
 /// A file cut at its top-level table headers.
 #[derive(Debug, PartialEq, Eq)]
@@ -37,37 +37,77 @@ struct CampaignPiece {
 
 /// Parses `text` piece by piece, or returns `None` when the file needs the whole-document
 /// parse: its shape is not settings then campaigns, or some piece has an error.
-pub(super) fn parse(path: &str, text: &str) -> Option<FileConfig> {
+pub(super) fn parse(text: &str) -> Option<FileConfig> {
     let pieces = split(text)?;
-    let mut file: FileConfig = parse_piece(path, &text[pieces.settings.clone()])?;
+    let mut file: FileConfig = parse_piece(&text[pieces.settings.clone()])?;
     if !file.campaigns.is_empty() {
         // Campaigns written another way, such as `campaigns = [...]`.
         return None;
     }
-    file.campaigns.reserve_exact(pieces.campaigns.len());
-    for range in pieces.campaigns {
-        let piece: CampaignPiece = parse_piece(path, &text[range.clone()])?;
-        file.campaigns.extend(
+    file.campaigns = parse_campaigns(text, &pieces.campaigns)?;
+    Some(file)
+}
+
+/// Parses the campaign pieces, split over a few threads when there are many.
+fn parse_campaigns(text: &str, ranges: &[Range<usize>]) -> Option<Vec<Spanned<CampaignSection>>> {
+    let parsed = map_chunks(ranges, MIN_PIECES_PER_THREAD, |_, chunk| {
+        parse_campaign_pieces(text, chunk)
+    });
+    let mut campaigns = Vec::with_capacity(ranges.len());
+    for chunk in parsed {
+        campaigns.extend(chunk?);
+    }
+    Some(campaigns)
+}
+
+/// The fewest campaigns worth a thread of their own.
+const MIN_PIECES_PER_THREAD: usize = 2_000;
+
+fn parse_campaign_pieces(
+    text: &str,
+    ranges: &[Range<usize>],
+) -> Option<Vec<Spanned<CampaignSection>>> {
+    let mut campaigns = Vec::with_capacity(ranges.len());
+    for range in ranges {
+        let piece: CampaignPiece = parse_piece(&text[range.clone()])?;
+        campaigns.extend(
             piece
                 .campaigns
                 .into_iter()
                 .map(|campaign| shift_campaign(campaign, range.start)),
         );
     }
-    Some(file)
+    Some(campaigns)
 }
 
 /// Parses one piece as a document of its own. Returns `None` on a syntax error, an unknown
 /// key or a value of the wrong type.
-fn parse_piece<'de, T: Deserialize<'de>>(path: &str, text: &'de str) -> Option<T> {
-    let mut root = DeTable::parse(text).ok()?;
-    let source = Source::new(path, text);
-    let mut report = Report::new(&source);
-    remove_unknown_keys(root.get_mut(), schema::ROOT, "", None, &mut report);
-    if !report.errors.is_empty() {
+fn parse_piece<T: DeserializeOwned>(text: &str) -> Option<T> {
+    let root = DeTable::parse(text).ok()?;
+    if has_unknown_keys(root.get_ref(), schema::ROOT) {
         return None;
     }
     T::deserialize(toml::de::Deserializer::from(root)).ok()
+}
+
+/// Returns whether `table` holds a key that `remove_unknown_keys` would report.
+fn has_unknown_keys(table: &DeTable<'_>, known: &[(&str, Child)]) -> bool {
+    table.iter().any(|(key, item)| {
+        let name: &str = key.get_ref();
+        let Some((_, child)) = known.iter().find(|(known_name, _)| *known_name == name) else {
+            return true;
+        };
+        match (child, item.get_ref()) {
+            (Child::Table(fields), DeValue::Table(inner)) => has_unknown_keys(inner, fields),
+            (Child::ArrayOfTables(fields), DeValue::Array(entries)) => {
+                entries.iter().any(|entry| match entry.get_ref() {
+                    DeValue::Table(inner) => has_unknown_keys(inner, fields),
+                    _ => false,
+                })
+            }
+            _ => false,
+        }
+    })
 }
 
 /// Finds the top-level table headers of `text` with the toml lexer, which reads strings
@@ -206,6 +246,7 @@ fn shift_key(key: KeySection, offset: usize) -> KeySection {
 
 #[cfg(test)]
 mod tests {
+    use super::super::error::{Report, Source};
     use super::*;
 
     /// Settings, then campaigns with errors that only validation finds, written in the
@@ -242,10 +283,42 @@ keys = [{ id = "k", sha256 = "11111111111111111111111111111111111111111111111111
         let source = Source::new("test.toml", CAMPAIGNS);
         let mut report = Report::new(&source);
         let whole = super::super::parse_document(CAMPAIGNS, &mut report).unwrap();
-        let pieces = parse("test.toml", CAMPAIGNS).expect("the pieces parse");
+        let pieces = parse(CAMPAIGNS).expect("the pieces parse");
         assert_eq!(format!("{pieces:?}"), format!("{whole:?}"));
         let errors = super::super::parse("test.toml", CAMPAIGNS).unwrap_err().0;
         assert!(errors.len() >= 6, "{errors:?}");
+    }
+
+    /// A file with enough campaigns for several parser threads.
+    fn many_campaigns(count: usize) -> String {
+        let settings = &CAMPAIGNS[..=CAMPAIGNS.find("\n[[campaigns]]").unwrap()];
+        let mut text = settings.to_owned();
+        for index in 0..count {
+            text.push_str(&format!(
+                "[[campaigns]]\nid = \"c{index}\"\nallowed_ips = [\"10.0.{}.{}\"]\n\
+                 [[campaigns.keys]]\nid = \"k\"\nsha256 = \"{index:064x}\"\n",
+                index / 256,
+                index % 256
+            ));
+        }
+        text
+    }
+
+    #[test]
+    fn threads_keep_campaign_order() {
+        let text = many_campaigns(3 * MIN_PIECES_PER_THREAD + 1);
+        let source = Source::new("test.toml", &text);
+        let mut report = Report::new(&source);
+        let whole = super::super::parse_document(&text, &mut report).unwrap();
+        let pieces = parse(&text).expect("the pieces parse");
+        assert_eq!(pieces.campaigns.len(), 3 * MIN_PIECES_PER_THREAD + 1);
+        assert_eq!(format!("{pieces:?}"), format!("{whole:?}"));
+    }
+
+    #[test]
+    fn error_in_last_thread_declines() {
+        let text = many_campaigns(3 * MIN_PIECES_PER_THREAD) + "[[campaigns]]\nid = 1\n";
+        assert!(parse(&text).is_none());
     }
 
     #[test]
@@ -256,7 +329,7 @@ keys = [{ id = "k", sha256 = "11111111111111111111111111111111111111111111111111
             ("per_seconds = 1", "per_seconds = "),
         ] {
             let text = CAMPAIGNS.replacen(from, to, 1);
-            assert!(parse("test.toml", &text).is_none(), "{to}");
+            assert!(parse(&text).is_none(), "{to}");
         }
     }
 

@@ -8,11 +8,12 @@ use std::time::Duration;
 use toml::Spanned;
 
 use super::address::{is_any, parse_network};
-use super::error::Report;
+use super::error::{ConfigError, Report, Source};
 use super::file::{CampaignSection, FileConfig, KeySection, UpstreamSection};
 use super::file::{
     ClientIpSection, LimitsSection, LogSection, RateLimitSection, ReloadSection, ShutdownSection,
 };
+use super::parallel::map_chunks;
 use super::{Limits, Listen, Log, LogFormat, Metrics, Reload, Settings, Shutdown, Upstream};
 use crate::table::{
     Campaign, Environment, IpSet, KeyHash, KeyInfo, RateLimit, Route, Table, MAX_KEYS_PER_CAMPAIGN,
@@ -588,6 +589,7 @@ fn campaigns(
     let mut owner_of_hash: HashOwners<'_> =
         HashMap::with_capacity(sections.len() * MAX_KEYS_PER_CAMPAIGN);
     let mut campaigns = Vec::with_capacity(sections.len());
+    let mut allowlists = allowlists(sections, report.source()).into_iter();
     for (index, section) in sections.iter().enumerate() {
         let section = section.get_ref();
         let id = section.id.get_ref().as_str();
@@ -613,7 +615,8 @@ fn campaigns(
         } else {
             first_line_of_id.insert(id, line);
         }
-        let networks = allowlist(section, &field, report);
+        let (networks, allowlist_errors) = allowlists.next().expect("one allowlist per campaign");
+        report.errors.extend(allowlist_errors);
         let keys = keys(section, &field, &mut owner_of_hash, report);
         let own_rate_limit = rate_limit(
             section.rate_limit.as_ref(),
@@ -629,6 +632,29 @@ fn campaigns(
         });
     }
     campaigns
+}
+
+/// The fewest campaigns worth a thread of their own for parsing allowlists.
+const MIN_ALLOWLISTS_PER_THREAD: usize = 2_000;
+
+/// Parses the allowlist of every campaign, the largest part of the work for a large table,
+/// split over a few threads. Each carries its own errors, which the caller reports in file
+/// order.
+fn allowlists(
+    sections: &[Spanned<CampaignSection>],
+    source: &Source<'_>,
+) -> Vec<(IpSet, Vec<ConfigError>)> {
+    let chunks = map_chunks(sections, MIN_ALLOWLISTS_PER_THREAD, |first, chunk| {
+        let mut results = Vec::with_capacity(chunk.len());
+        for (offset, section) in chunk.iter().enumerate() {
+            let mut report = Report::new(source);
+            let field = format!("campaigns[{}]", first + offset);
+            let networks = allowlist(section.get_ref(), &field, &mut report);
+            results.push((networks, report.errors));
+        }
+        results
+    });
+    chunks.into_iter().flatten().collect()
 }
 
 fn allowlist(section: &CampaignSection, field: &str, report: &mut Report<'_>) -> IpSet {
