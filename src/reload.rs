@@ -112,6 +112,7 @@ impl Reloader {
     /// Reads the file and swaps in its table if it changed and is valid. SIGHUP reports a
     /// rejected version again, where the watcher and the timer stay quiet about it.
     async fn reload(&self, trigger: Trigger) {
+        let started = std::time::Instant::now();
         let path = self.path.clone();
         let force = trigger == Trigger::Signal;
         let known = self
@@ -156,9 +157,13 @@ impl Reloader {
             );
         }
         let loaded = *loaded;
-        let diff = TableDiff::between(&self.table.load(), &loaded.table);
         let table = Arc::new(loaded.table);
-        self.table.store(Arc::clone(&table));
+        // The difference is computed after the swap, because on a large table it takes a
+        // while and requests would wait for the new table meanwhile.
+        let previous = self.table.swap(Arc::clone(&table));
+        let duration = started.elapsed();
+        let diff = TableDiff::between(&previous, &table);
+        drop(previous);
         *self.versions.lock().unwrap_or_else(|e| e.into_inner()) = Versions {
             applied: digest,
             rejected: None,
@@ -170,6 +175,7 @@ impl Reloader {
             config.sha256 = %hex(&digest),
             config.generation = generation,
             reload.trigger = trigger.as_str(),
+            reload.duration_ms = duration.as_millis() as u64,
             campaigns.added = %NameList(&diff.campaigns_added),
             campaigns.removed = %NameList(&diff.campaigns_removed),
             campaigns.changed = %NameList(&diff.campaigns_changed),

@@ -102,6 +102,7 @@ fn kubernetes_configmap_swap_is_applied() {
         "{output}"
     );
     assert!(output.contains("\"config.generation\":3"), "{output}");
+    assert!(output.contains("\"reload.duration_ms\":"), "{output}");
     assert!(upstream
         .received()
         .iter()

@@ -146,7 +146,7 @@ pub fn parse(path: &str, text: &str) -> Result<Config, ConfigErrors> {
 pub fn parse_digested(path: &str, text: &str, sha256: [u8; 32]) -> Result<Config, ConfigErrors> {
     let source = Source::new(path, text);
     let mut report = Report::new(&source);
-    let file = match pieces::parse(text) {
+    let file = match pieces::parse(text, &source) {
         Some(file) => file,
         None => parse_document(text, &mut report)?,
     };

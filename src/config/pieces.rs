@@ -15,9 +15,11 @@ use toml::de::{DeTable, DeValue};
 use toml::Spanned;
 use toml_parser::lexer::TokenKind;
 
+use super::error::Source;
 use super::file::schema::{self, Child};
 use super::file::{CampaignSection, FileConfig, KeySection, RateLimitSection};
 use super::parallel::map_chunks;
+use super::validate::parse_allowlist;
 
 /// A file cut at its top-level table headers.
 #[derive(Debug, PartialEq, Eq)]
@@ -36,46 +38,44 @@ struct CampaignPiece {
 }
 
 /// Parses `text` piece by piece, or returns `None` when the file needs the whole-document
-/// parse: its shape is not settings then campaigns, or some piece has an error.
-pub(super) fn parse(text: &str) -> Option<FileConfig> {
+/// parse: its shape is not settings then campaigns, or some piece has an error. Each
+/// campaign's allowlist is parsed as soon as its piece is, and its strings are dropped.
+pub(super) fn parse(text: &str, source: &Source<'_>) -> Option<FileConfig> {
     let pieces = split(text)?;
     let mut file: FileConfig = parse_piece(&text[pieces.settings.clone()])?;
     if !file.campaigns.is_empty() {
         // Campaigns written another way, such as `campaigns = [...]`.
         return None;
     }
-    file.campaigns = parse_campaigns(text, &pieces.campaigns)?;
-    Some(file)
-}
-
-/// Parses the campaign pieces, split over a few threads when there are many.
-fn parse_campaigns(text: &str, ranges: &[Range<usize>]) -> Option<Vec<Spanned<CampaignSection>>> {
-    let parsed = map_chunks(ranges, MIN_PIECES_PER_THREAD, |_, chunk| {
-        parse_campaign_pieces(text, chunk)
+    let parsed = map_chunks(&pieces.campaigns, MIN_PIECES_PER_THREAD, |first, chunk| {
+        parse_campaign_pieces(text, first, chunk, source)
     });
-    let mut campaigns = Vec::with_capacity(ranges.len());
+    file.campaigns.reserve_exact(pieces.campaigns.len());
     for chunk in parsed {
-        campaigns.extend(chunk?);
+        file.campaigns.extend(chunk?);
     }
-    Some(campaigns)
+    Some(file)
 }
 
 /// The fewest campaigns worth a thread of their own.
 const MIN_PIECES_PER_THREAD: usize = 2_000;
 
+/// Parses the pieces of the campaigns from index `first` on.
 fn parse_campaign_pieces(
     text: &str,
+    first: usize,
     ranges: &[Range<usize>],
+    source: &Source<'_>,
 ) -> Option<Vec<Spanned<CampaignSection>>> {
     let mut campaigns = Vec::with_capacity(ranges.len());
-    for range in ranges {
+    for (offset, range) in ranges.iter().enumerate() {
         let piece: CampaignPiece = parse_piece(&text[range.clone()])?;
-        campaigns.extend(
-            piece
-                .campaigns
-                .into_iter()
-                .map(|campaign| shift_campaign(campaign, range.start)),
-        );
+        let [campaign] = <[_; 1]>::try_from(piece.campaigns).ok()?;
+        let mut campaign = shift_campaign(campaign, range.start);
+        let section = campaign.get_mut();
+        section.parsed_allowlist = Some(parse_allowlist(section, first + offset, source));
+        section.allowed_ips = Vec::new();
+        campaigns.push(campaign);
     }
     Some(campaigns)
 }
@@ -226,6 +226,7 @@ fn shift_campaign(campaign: Spanned<CampaignSection>, offset: usize) -> Spanned<
             .into_iter()
             .map(|key| shift(key, offset, |key| shift_key(key, offset)))
             .collect(),
+        parsed_allowlist: campaign.parsed_allowlist,
     })
 }
 
@@ -246,8 +247,25 @@ fn shift_key(key: KeySection, offset: usize) -> KeySection {
 
 #[cfg(test)]
 mod tests {
-    use super::super::error::{Report, Source};
+    use super::super::error::Report;
     use super::*;
+
+    /// Parses `text` as one document and settles its allowlists the way the pieces do.
+    fn whole_document(text: &str) -> FileConfig {
+        let source = Source::new("test.toml", text);
+        let mut report = Report::new(&source);
+        let mut file = super::super::parse_document(text, &mut report).unwrap();
+        for (index, campaign) in file.campaigns.iter_mut().enumerate() {
+            let section = campaign.get_mut();
+            section.parsed_allowlist = Some(parse_allowlist(section, index, &source));
+            section.allowed_ips = Vec::new();
+        }
+        file
+    }
+
+    fn pieces(text: &str) -> Option<FileConfig> {
+        parse(text, &Source::new("test.toml", text))
+    }
 
     /// Settings, then campaigns with errors that only validation finds, written in the
     /// forms TOML allows: tables, inline tables, dotted tables, comments.
@@ -280,10 +298,8 @@ keys = [{ id = "k", sha256 = "11111111111111111111111111111111111111111111111111
 
     #[test]
     fn pieces_match_whole_document() {
-        let source = Source::new("test.toml", CAMPAIGNS);
-        let mut report = Report::new(&source);
-        let whole = super::super::parse_document(CAMPAIGNS, &mut report).unwrap();
-        let pieces = parse(CAMPAIGNS).expect("the pieces parse");
+        let whole = whole_document(CAMPAIGNS);
+        let pieces = pieces(CAMPAIGNS).expect("the pieces parse");
         assert_eq!(format!("{pieces:?}"), format!("{whole:?}"));
         let errors = super::super::parse("test.toml", CAMPAIGNS).unwrap_err().0;
         assert!(errors.len() >= 6, "{errors:?}");
@@ -307,10 +323,8 @@ keys = [{ id = "k", sha256 = "11111111111111111111111111111111111111111111111111
     #[test]
     fn threads_keep_campaign_order() {
         let text = many_campaigns(3 * MIN_PIECES_PER_THREAD + 1);
-        let source = Source::new("test.toml", &text);
-        let mut report = Report::new(&source);
-        let whole = super::super::parse_document(&text, &mut report).unwrap();
-        let pieces = parse(&text).expect("the pieces parse");
+        let whole = whole_document(&text);
+        let pieces = pieces(&text).expect("the pieces parse");
         assert_eq!(pieces.campaigns.len(), 3 * MIN_PIECES_PER_THREAD + 1);
         assert_eq!(format!("{pieces:?}"), format!("{whole:?}"));
     }
@@ -318,7 +332,7 @@ keys = [{ id = "k", sha256 = "11111111111111111111111111111111111111111111111111
     #[test]
     fn error_in_last_thread_declines() {
         let text = many_campaigns(3 * MIN_PIECES_PER_THREAD) + "[[campaigns]]\nid = 1\n";
-        assert!(parse(&text).is_none());
+        assert!(pieces(&text).is_none());
     }
 
     #[test]
@@ -329,7 +343,7 @@ keys = [{ id = "k", sha256 = "11111111111111111111111111111111111111111111111111
             ("per_seconds = 1", "per_seconds = "),
         ] {
             let text = CAMPAIGNS.replacen(from, to, 1);
-            assert!(parse(&text).is_none(), "{to}");
+            assert!(pieces(&text).is_none(), "{to}");
         }
     }
 

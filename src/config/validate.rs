@@ -8,8 +8,8 @@ use std::time::Duration;
 use toml::Spanned;
 
 use super::address::{is_any, parse_network};
-use super::error::{ConfigError, Report, Source};
-use super::file::{CampaignSection, FileConfig, KeySection, UpstreamSection};
+use super::error::{Report, Source};
+use super::file::{CampaignSection, FileConfig, KeySection, ParsedAllowlist, UpstreamSection};
 use super::file::{
     ClientIpSection, LimitsSection, LogSection, RateLimitSection, ReloadSection, ShutdownSection,
 };
@@ -25,7 +25,7 @@ const MAX_TIMEOUT_MS: i64 = 3_600_000;
 const MAX_ID_LEN: usize = 128;
 
 /// Builds the table and settings, or records every problem in `report`.
-pub(super) fn build(file: FileConfig, report: &mut Report<'_>) -> Option<(Table, Settings)> {
+pub(super) fn build(mut file: FileConfig, report: &mut Report<'_>) -> Option<(Table, Settings)> {
     let environment = environment(&file.environment, report);
     let listen = listen(&file.listen, report);
     let upstream = upstream(&file.upstream, report);
@@ -49,7 +49,8 @@ pub(super) fn build(file: FileConfig, report: &mut Report<'_>) -> Option<(Table,
         per_campaign: file.metrics.and_then(|m| m.per_campaign).unwrap_or(false),
     };
     let reload = reload(file.reload.as_ref(), report);
-    let campaigns = campaigns(&file.campaigns, default_rate_limit, report);
+    let allowlists = allowlists(&mut file.campaigns, report.source());
+    let campaigns = campaigns(&file.campaigns, allowlists, default_rate_limit, report);
 
     if !report.errors.is_empty() {
         return None;
@@ -582,6 +583,7 @@ type HashOwners<'a> = HashMap<KeyHash, (&'a str, &'a str, usize)>;
 
 fn campaigns(
     sections: &[Spanned<CampaignSection>],
+    allowlists: Vec<ParsedAllowlist>,
     default_rate_limit: Option<RateLimit>,
     report: &mut Report<'_>,
 ) -> Vec<Campaign> {
@@ -589,7 +591,7 @@ fn campaigns(
     let mut owner_of_hash: HashOwners<'_> =
         HashMap::with_capacity(sections.len() * MAX_KEYS_PER_CAMPAIGN);
     let mut campaigns = Vec::with_capacity(sections.len());
-    let mut allowlists = allowlists(sections, report.source()).into_iter();
+    let mut allowlists = allowlists.into_iter();
     for (index, section) in sections.iter().enumerate() {
         let section = section.get_ref();
         let id = section.id.get_ref().as_str();
@@ -615,8 +617,9 @@ fn campaigns(
         } else {
             first_line_of_id.insert(id, line);
         }
-        let (networks, allowlist_errors) = allowlists.next().expect("one allowlist per campaign");
-        report.errors.extend(allowlist_errors);
+        let allowlist = allowlists.next().expect("one allowlist per campaign");
+        report.errors.extend(allowlist.errors);
+        let networks = allowlist.networks;
         let keys = keys(section, &field, &mut owner_of_hash, report);
         let own_rate_limit = rate_limit(
             section.rate_limit.as_ref(),
@@ -637,24 +640,51 @@ fn campaigns(
 /// The fewest campaigns worth a thread of their own for parsing allowlists.
 const MIN_ALLOWLISTS_PER_THREAD: usize = 2_000;
 
-/// Parses the allowlist of every campaign, the largest part of the work for a large table,
-/// split over a few threads. Each carries its own errors, which the caller reports in file
-/// order.
+/// Returns the parsed allowlist of every campaign: the one that the piece-by-piece
+/// parse built, or else parsed here, split over a few threads, because for a large table
+/// it is the largest part of the work.
 fn allowlists(
-    sections: &[Spanned<CampaignSection>],
+    sections: &mut [Spanned<CampaignSection>],
     source: &Source<'_>,
-) -> Vec<(IpSet, Vec<ConfigError>)> {
+) -> Vec<ParsedAllowlist> {
+    let all_parsed = sections
+        .iter()
+        .all(|section| section.get_ref().parsed_allowlist.is_some());
+    if all_parsed {
+        return sections
+            .iter_mut()
+            .enumerate()
+            .map(|(index, section)| {
+                let section = section.get_mut();
+                section
+                    .parsed_allowlist
+                    .take()
+                    .unwrap_or_else(|| parse_allowlist(section, index, source))
+            })
+            .collect();
+    }
     let chunks = map_chunks(sections, MIN_ALLOWLISTS_PER_THREAD, |first, chunk| {
-        let mut results = Vec::with_capacity(chunk.len());
-        for (offset, section) in chunk.iter().enumerate() {
-            let mut report = Report::new(source);
-            let field = format!("campaigns[{}]", first + offset);
-            let networks = allowlist(section.get_ref(), &field, &mut report);
-            results.push((networks, report.errors));
-        }
-        results
+        chunk
+            .iter()
+            .enumerate()
+            .map(|(offset, section)| parse_allowlist(section.get_ref(), first + offset, source))
+            .collect::<Vec<_>>()
     });
     chunks.into_iter().flatten().collect()
+}
+
+/// Parses the allowlist of the campaign at `index` in the file.
+pub(super) fn parse_allowlist(
+    section: &CampaignSection,
+    index: usize,
+    source: &Source<'_>,
+) -> ParsedAllowlist {
+    let mut report = Report::new(source);
+    let networks = allowlist(section, &format!("campaigns[{index}]"), &mut report);
+    ParsedAllowlist {
+        networks,
+        errors: report.errors,
+    }
 }
 
 fn allowlist(section: &CampaignSection, field: &str, report: &mut Report<'_>) -> IpSet {
