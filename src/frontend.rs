@@ -79,9 +79,9 @@ impl ServerApp for Frontend {
                 return None;
             }
             first = false;
-            // The buffer keeps its capacity, so that the next request and any body bytes
-            // that came with it are read at once; a body split here would reach the
-            // upstream in one more write.
+            // The buffer keeps its capacity, so the next request and the body bytes that
+            // came with it are read at once. A body split here would cost one more write
+            // to the upstream.
             let rewound = rewind(stream, &buffer)?;
             buffer.clear();
             let mut session = ServerSession::new_http1(rewound);

@@ -184,7 +184,7 @@ def main():
             print(
                 f"campaigns={campaigns} networks={arguments.networks} file={result['file_mib']:.1f}MiB start={result['start_seconds']:.2f}s "
                 f"reload_s(min/median/max)={min(latencies):.3f}/{statistics.median(latencies):.3f}/{max(latencies):.3f} "
-                f"steady_rss_mib(median)={statistics.median(result['steady_mib']):.1f} "
+                f"steady_rss_mib(min/median)={min(result['steady_mib']):.1f}/{statistics.median(result['steady_mib']):.1f} "
                 f"peak_rss_mib(min/median/max)={min(result['peak_mib']):.1f}/{statistics.median(result['peak_mib']):.1f}/{max(result['peak_mib']):.1f} "
                 f"peak/steady(max)={max(ratio):.2f}",
                 flush=True,

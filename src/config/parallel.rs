@@ -1,7 +1,7 @@
 //! Splitting the work on a large file over a few threads. A load or reload runs off the
 //! request path, and the proxy keeps serving while it runs.
 
-/// The most threads that work on one file.
+/// The maximum number of threads that work on one file.
 const MAX_THREADS: usize = 4;
 
 /// Calls `work` with the index of its first item and a chunk, for consecutive chunks of

@@ -1,6 +1,6 @@
 //! Parsing a large file piece by piece: the settings first, then each campaign on its own.
 //!
-//! The toml parser holds the tokens, events and document tree of the whole text while it
+//! The toml parser keeps the tokens, events and document tree of the whole text while it
 //! parses, about 20 times the file size. Parsed one campaign at a time, a file of 100,000
 //! campaigns needs a small fraction of that. This path is taken only for a file whose
 //! settings come before its first `[[campaigns]]` table and whose pieces all parse and
@@ -57,7 +57,7 @@ pub(super) fn parse(text: &str, source: &Source<'_>) -> Option<FileConfig> {
     Some(file)
 }
 
-/// The fewest campaigns worth a thread of their own.
+/// The minimum number of campaigns for each parser thread.
 const MIN_PIECES_PER_THREAD: usize = 2_000;
 
 /// Parses the pieces of the campaigns from index `first` on.

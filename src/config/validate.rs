@@ -637,7 +637,7 @@ fn campaigns(
     campaigns
 }
 
-/// The fewest campaigns worth a thread of their own for parsing allowlists.
+/// The minimum number of campaigns for each allowlist thread.
 const MIN_ALLOWLISTS_PER_THREAD: usize = 2_000;
 
 /// Returns the parsed allowlist of every campaign: the one that the piece-by-piece
