@@ -437,7 +437,7 @@ fn read_new_version(path: &Path, known: &Versions, force: bool) -> ReadOutcome {
             vec![format!("{}: the file is empty", path.display())],
         );
     }
-    let loaded = match config::parse_digested(&path.display().to_string(), &text, digest) {
+    let loaded = match config::parse_digested(&path.display().to_string(), text, digest) {
         Ok(loaded) => loaded,
         Err(errors) => {
             return ReadOutcome::Invalid(digest, errors.0.iter().map(ToString::to_string).collect())

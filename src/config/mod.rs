@@ -134,22 +134,30 @@ pub fn load(path: &Path) -> Result<Config, LoadError> {
         path: path.display().to_string(),
         source,
     })?;
-    parse(&path.display().to_string(), &text).map_err(LoadError::Invalid)
+    let sha256 = Sha256::digest(text.as_bytes()).into();
+    parse_digested(&path.display().to_string(), text, sha256).map_err(LoadError::Invalid)
 }
 
 /// Parses and validates configuration text; `path` only names the file in errors.
 pub fn parse(path: &str, text: &str) -> Result<Config, ConfigErrors> {
-    parse_digested(path, text, Sha256::digest(text.as_bytes()).into())
+    parse_digested(
+        path,
+        text.to_owned(),
+        Sha256::digest(text.as_bytes()).into(),
+    )
 }
 
-/// Parses and validates configuration text whose SHA-256 the caller has computed.
-pub fn parse_digested(path: &str, text: &str, sha256: [u8; 32]) -> Result<Config, ConfigErrors> {
-    let source = Source::new(path, text);
+/// Parses and validates configuration text whose SHA-256 the caller has computed. The
+/// text is dropped once parsed, before the table is built, which lowers the peak memory
+/// of a large file.
+pub fn parse_digested(path: &str, text: String, sha256: [u8; 32]) -> Result<Config, ConfigErrors> {
+    let source = Source::new(path, &text);
     let mut report = Report::new(&source);
-    let file = match pieces::parse(text, &source) {
+    let file = match pieces::parse(&text, &source) {
         Some(file) => file,
-        None => parse_document(text, &mut report)?,
+        None => parse_document(&text, &mut report)?,
     };
+    drop(text);
     match validate::build(file, &mut report) {
         Some((table, settings)) if report.errors.is_empty() => Ok(Config {
             table,
