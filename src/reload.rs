@@ -444,11 +444,19 @@ fn read_new_version(path: &Path, known: &Versions, force: bool) -> ReadOutcome {
         }
     };
     // A writer may still be at work: apply the version only if the file still contains it.
-    let again = std::fs::read(path).map(|bytes| <[u8; 32]>::from(Sha256::digest(&bytes)));
-    if again.ok() != Some(digest) {
+    if file_sha256(path).ok() != Some(digest) {
         return ReadOutcome::Changing;
     }
     ReadOutcome::Valid(digest, Box::new(loaded))
+}
+
+/// Returns the SHA-256 of the file at `path`, read in blocks, so that a large file is not
+/// held in memory a second time.
+fn file_sha256(path: &Path) -> std::io::Result<[u8; 32]> {
+    let mut file = std::fs::File::open(path)?;
+    let mut hasher = Sha256::new();
+    std::io::copy(&mut file, &mut hasher)?;
+    Ok(hasher.finalize().into())
 }
 
 /// Names the settings that differ, for the restart warning.

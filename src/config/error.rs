@@ -71,7 +71,7 @@ pub(super) struct Source<'a> {
 impl<'a> Source<'a> {
     pub fn new(path: &'a str, text: &str) -> Self {
         let line_starts = std::iter::once(0)
-            .chain(text.match_indices('\n').map(|(at, _)| at + 1))
+            .chain(memchr::memchr_iter(b'\n', text.as_bytes()).map(|at| at + 1))
             .collect();
         Self { path, line_starts }
     }

@@ -13,7 +13,6 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use toml::de::{DeTable, DeValue};
 use toml::Spanned;
-use toml_parser::lexer::TokenKind;
 
 use super::error::Source;
 use super::file::schema::{self, Child};
@@ -110,53 +109,39 @@ fn has_unknown_keys(table: &DeTable<'_>, known: &[(&str, Child)]) -> bool {
     })
 }
 
-/// Finds the top-level table headers of `text` with the toml lexer, which reads strings
-/// and comments whole, so a `[` inside them is never taken for a header.
+/// Finds the top-level table headers of `text`: the lines that start with `[`.
+///
+/// A line inside a multi-line string or array can look like a header too. Cutting there
+/// leaves the piece before the cut with an unclosed string or array, which fails to
+/// parse, and the whole file then goes through the whole-document parse. So a wrong cut
+/// costs time but never changes the result, and the scan needs no lexer.
 fn split(text: &str) -> Option<Pieces> {
-    let mut tokens = toml_parser::Source::new(text).lex().peekable();
-    let mut depth: usize = 0;
-    let mut line_start = true;
     let mut first_campaign: Option<usize> = None;
     let mut campaigns: Vec<Range<usize>> = Vec::new();
-    while let Some(token) = tokens.next() {
-        match token.kind() {
-            TokenKind::Newline => line_start = depth == 0,
-            TokenKind::Whitespace | TokenKind::Comment => {}
-            TokenKind::LeftSquareBracket if depth == 0 && line_start => {
-                let start = token.span().start();
-                let mut end = token.span().end();
-                while let Some(next) = tokens.peek() {
-                    if matches!(next.kind(), TokenKind::Newline | TokenKind::Comment) {
-                        break;
-                    }
-                    end = next.span().end();
-                    tokens.next();
+    let mut line_start = 0;
+    let line_ends = memchr::memchr_iter(b'\n', text.as_bytes()).map(|newline| newline + 1);
+    for line_end in line_ends.chain(std::iter::once(text.len())) {
+        let line = &text[line_start..line_end];
+        let indented = line.trim_start_matches([' ', '\t']);
+        let start = line_start + (line.len() - indented.len());
+        line_start = line_end;
+        if !indented.starts_with('[') {
+            continue;
+        }
+        // A `#` ends the header; `classify` declines quoted keys, which could contain one.
+        let header = indented.split('#').next().unwrap_or_default().trim_end();
+        match classify(header)? {
+            Header::Campaign => {
+                if let Some(last) = campaigns.last_mut() {
+                    last.end = start;
                 }
-                let header = text[start..end].trim_end();
-                match classify(header)? {
-                    Header::Campaign => {
-                        if let Some(last) = campaigns.last_mut() {
-                            last.end = start;
-                        }
-                        first_campaign.get_or_insert(start);
-                        campaigns.push(start..text.len());
-                    }
-                    Header::CampaignPart if first_campaign.is_some() => {}
-                    Header::CampaignPart => return None,
-                    Header::Other if first_campaign.is_some() => return None,
-                    Header::Other => {}
-                }
-                line_start = false;
+                first_campaign.get_or_insert(start);
+                campaigns.push(start..text.len());
             }
-            TokenKind::LeftSquareBracket | TokenKind::LeftCurlyBracket => {
-                depth += 1;
-                line_start = false;
-            }
-            TokenKind::RightSquareBracket | TokenKind::RightCurlyBracket => {
-                depth = depth.checked_sub(1)?;
-                line_start = false;
-            }
-            _ => line_start = false,
+            Header::CampaignPart if first_campaign.is_some() => {}
+            Header::CampaignPart => return None,
+            Header::Other if first_campaign.is_some() => return None,
+            Header::Other => {}
         }
     }
     Some(Pieces {
@@ -361,15 +346,35 @@ keys = [{ id = "k", sha256 = "11111111111111111111111111111111111111111111111111
     }
 
     #[test]
-    fn split_ignores_brackets_in_values() {
-        let text = "a = \"\"\"\n[[campaigns]]\n\"\"\"\nb = [\n[1],\n]\n# [[campaigns]]\n";
-        assert_eq!(
-            split(text).unwrap(),
-            Pieces {
-                settings: 0..text.len(),
-                campaigns: vec![],
+    fn headers_inside_values_never_change_the_result() {
+        let first_campaign = CAMPAIGNS.find("\n[[campaigns]]").unwrap() + 1;
+        for value in [
+            "note = \"\"\"\n[[campaigns]]\nid = \"x\"\n\"\"\"\n",
+            "note = '''\n[[campaigns]]\n'''\n",
+            "note = [\n[1],\n]\n",
+            "note = \"\"\"\n[campaigns.keys]\n\"\"\"\n",
+        ] {
+            // In a campaign or in the settings, `note` is an unknown key, and the text may
+            // look like a header to the scan. Only the whole-document parse may answer.
+            let in_campaign = CAMPAIGNS.replacen(
+                "id = \"campaign_a\"\n",
+                &format!("id = \"campaign_a\"\n{value}"),
+                1,
+            );
+            let in_settings = format!(
+                "{}{value}{}",
+                &CAMPAIGNS[..first_campaign],
+                &CAMPAIGNS[first_campaign..]
+            );
+            for text in [in_campaign, in_settings] {
+                assert!(pieces(&text).is_none(), "{text}");
+                assert!(super::super::parse("test.toml", &text)
+                    .unwrap_err()
+                    .0
+                    .iter()
+                    .any(|error| error.field.ends_with("note")));
             }
-        );
+        }
     }
 
     #[test]
@@ -378,7 +383,6 @@ keys = [{ id = "k", sha256 = "11111111111111111111111111111111111111111111111111
             "[[campaigns]]\nid = \"a\"\n[log]\naccess = false\n",
             "[campaigns.keys]\nid = \"a\"\n",
             "[[\"campaigns\"]]\nid = \"a\"\n",
-            "a = ]\n",
         ] {
             assert_eq!(split(text), None, "{text}");
         }

@@ -578,7 +578,9 @@ fn routes(section: &Spanned<super::file::RoutesSection>, report: &mut Report<'_>
     routes
 }
 
-/// The first key seen with a digest: its campaign id, key id and line.
+/// The first key seen with a digest: its campaign id, key id and byte offset. Offsets
+/// become line numbers only for an error, because looking up the line of each of
+/// hundreds of thousands of keys takes a noticeable part of a large reload.
 type HashOwners<'a> = HashMap<KeyHash, (&'a str, &'a str, usize)>;
 
 fn campaigns(
@@ -587,7 +589,7 @@ fn campaigns(
     default_rate_limit: Option<RateLimit>,
     report: &mut Report<'_>,
 ) -> Vec<Campaign> {
-    let mut first_line_of_id: HashMap<&str, usize> = HashMap::with_capacity(sections.len());
+    let mut first_offset_of_id: HashMap<&str, usize> = HashMap::with_capacity(sections.len());
     let mut owner_of_hash: HashOwners<'_> =
         HashMap::with_capacity(sections.len() * MAX_KEYS_PER_CAMPAIGN);
     let mut campaigns = Vec::with_capacity(sections.len());
@@ -605,8 +607,8 @@ fn campaigns(
                 message,
             );
         }
-        let line = report.line(section.id.span().start);
-        if let Some(&first) = first_line_of_id.get(id) {
+        if let Some(&first) = first_offset_of_id.get(id) {
+            let first = report.line(first);
             report.error(
                 section.id.span(),
                 Some(id),
@@ -615,7 +617,7 @@ fn campaigns(
                 format!("duplicate campaign id; it is first defined on line {first}"),
             );
         } else {
-            first_line_of_id.insert(id, line);
+            first_offset_of_id.insert(id, section.id.span().start);
         }
         let allowlist = allowlists.next().expect("one allowlist per campaign");
         report.errors.extend(allowlist.errors);
@@ -795,16 +797,18 @@ fn key_info<'a>(
             message,
         );
     }
-    let line = report.line(key.id.span().start);
     match seen_ids.iter().find(|(seen, _)| *seen == id) {
-        Some((_, first)) => report.error(
-            key.id.span(),
-            Some(campaign_id),
-            format!("{field}.id"),
-            Some(id),
-            format!("duplicate key id in this campaign; it is first used on line {first}"),
-        ),
-        None => seen_ids.push((id, line)),
+        Some(&(_, first)) => {
+            let first = report.line(first);
+            report.error(
+                key.id.span(),
+                Some(campaign_id),
+                format!("{field}.id"),
+                Some(id),
+                format!("duplicate key id in this campaign; it is first used on line {first}"),
+            );
+        }
+        None => seen_ids.push((id, key.id.span().start)),
     }
 
     let hash_text = key.sha256.get_ref();
@@ -818,8 +822,8 @@ fn key_info<'a>(
             "must be 64 lowercase hexadecimal digits, as printed by `keygate key hash`",
         ),
         Some(hash) => {
-            let hash_line = report.line(key.sha256.span().start);
-            if let Some((owner, owner_key, first)) = owner_of_hash.get(&hash) {
+            if let Some(&(owner, owner_key, first)) = owner_of_hash.get(&hash) {
+                let first = report.line(first);
                 report.error(
                     key.sha256.span(),
                     Some(campaign_id),
@@ -830,7 +834,7 @@ fn key_info<'a>(
                     ),
                 );
             } else {
-                owner_of_hash.insert(hash, (campaign_id, id, hash_line));
+                owner_of_hash.insert(hash, (campaign_id, id, key.sha256.span().start));
             }
         }
     }
