@@ -82,22 +82,20 @@ impl Table {
     /// INVARIANT: campaign ids and key digests are unique, and no campaign has more
     /// than `MAX_KEYS_PER_CAMPAIGN` keys.
     pub fn new(environment: Environment, routes: Vec<Route>, campaigns: Vec<Campaign>) -> Self {
-        let mut keys = HashMap::with_capacity_and_hasher(
-            campaigns.iter().map(|c| c.keys.len()).sum(),
-            BuildDigestHasher::default(),
-        );
-        for (campaign_index, campaign) in campaigns.iter().enumerate() {
-            debug_assert!(campaign.keys.len() <= MAX_KEYS_PER_CAMPAIGN);
-            for (key_index, key) in campaign.keys.iter().enumerate() {
-                let slot = KeySlot {
-                    campaign: u32::try_from(campaign_index).expect("fewer than 2^32 campaigns"),
-                    key: u8::try_from(key_index).expect("at most 3 keys per campaign"),
-                };
-                let previous = keys.insert(key.hash, slot);
-                debug_assert!(previous.is_none(), "duplicate key digest");
-            }
-        }
-        let callers = IpSet::union(campaigns.iter().map(|c| &c.networks));
+        // The union of a large table's allowlists is built on a second thread while this
+        // one indexes the keys; both only read the campaigns.
+        let (keys, callers) = std::thread::scope(|scope| {
+            let callers = (campaigns.len() >= PARALLEL_BUILD_CAMPAIGNS)
+                .then(|| scope.spawn(|| IpSet::union(campaigns.iter().map(|c| &c.networks))));
+            let keys = index_keys(&campaigns);
+            let callers = match callers {
+                Some(builder) => builder
+                    .join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
+                None => IpSet::union(campaigns.iter().map(|c| &c.networks)),
+            };
+            (keys, callers)
+        });
         Self {
             environment,
             routes,
@@ -145,4 +143,27 @@ impl Table {
         let info = &self.campaign(slot.campaign).keys[usize::from(slot.key)];
         Some((slot, info))
     }
+}
+
+/// Campaigns from which `Table::new` builds the address union on a second thread.
+const PARALLEL_BUILD_CAMPAIGNS: usize = 10_000;
+
+/// Indexes every key of `campaigns` by its digest.
+fn index_keys(campaigns: &[Campaign]) -> HashMap<KeyHash, KeySlot, BuildDigestHasher> {
+    let mut keys = HashMap::with_capacity_and_hasher(
+        campaigns.iter().map(|c| c.keys.len()).sum(),
+        BuildDigestHasher::default(),
+    );
+    for (campaign_index, campaign) in campaigns.iter().enumerate() {
+        debug_assert!(campaign.keys.len() <= MAX_KEYS_PER_CAMPAIGN);
+        for (key_index, key) in campaign.keys.iter().enumerate() {
+            let slot = KeySlot {
+                campaign: u32::try_from(campaign_index).expect("fewer than 2^32 campaigns"),
+                key: u8::try_from(key_index).expect("at most 3 keys per campaign"),
+            };
+            let previous = keys.insert(key.hash, slot);
+            debug_assert!(previous.is_none(), "duplicate key digest");
+        }
+    }
+    keys
 }
