@@ -211,22 +211,19 @@ impl Metrics {
     ) {
         let code = if code.is_empty() { "none" } else { code };
         debug_assert!(CODES.contains(&code), "unknown code {code}");
-        let series = CODES
-            .iter()
-            .position(|known| *known == code)
-            .map(|index| &self.request_series[outcome as usize * CODES.len() + index]);
-        match series {
-            Some(series) if !self.per_campaign => series
-                .get_or_init(|| self.requests.with_label_values(&[outcome.as_str(), code]))
-                .inc(),
-            _ if self.per_campaign => self
-                .requests
-                .with_label_values(&[outcome.as_str(), code, campaign.unwrap_or("")])
-                .inc(),
-            _ => self
-                .requests
-                .with_label_values(&[outcome.as_str(), code])
-                .inc(),
+        let outcome_label = outcome.as_str();
+        if self.per_campaign {
+            self.requests
+                .with_label_values(&[outcome_label, code, campaign.unwrap_or("")])
+                .inc();
+        } else if let Some(index) = CODES.iter().position(|known| *known == code) {
+            self.request_series[outcome as usize * CODES.len() + index]
+                .get_or_init(|| self.requests.with_label_values(&[outcome_label, code]))
+                .inc();
+        } else {
+            self.requests
+                .with_label_values(&[outcome_label, code])
+                .inc();
         }
         self.request_duration.observe(duration.as_secs_f64());
     }

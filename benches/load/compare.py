@@ -143,7 +143,8 @@ def haproxy_conf(workdir):
     path = os.path.join(workdir, "haproxy.cfg")
     error = 'content-type application/json string \'{"error":{"code":"%s"}}\''
     with open(path, "w") as file:
-        # HAProxy 2.6 cannot raise its file limit for a larger maxconn on this machine.
+        # HAProxy 2.6 failed to start with maxconn 20000 on the benchmark machine, because
+        # it could not raise its file limit that far.
         file.write(f"""
 global
     nbthread 1
@@ -334,11 +335,10 @@ class Servers:
 
 def load_rounds(servers, targets, workdir, arguments):
     started = {name: servers.start(command, port) for name, (port, command) in targets.items()}
-    for scenario, spec in SCENARIOS.items():
-        method, path, key, body, _ = spec
+    for scenario in SCENARIOS:
         statuses = {name: send_requests(port, scenario, 1) for name, (port, _) in targets.items()}
         if len({tuple(status) for status in statuses.values()}) != 1:
-            sys.exit(f"{scenario}: the proxies answer differently: {statuses}")
+            sys.exit(f"{scenario}: the proxies return different statuses: {statuses}")
         print(f"{scenario}: every proxy returns {statuses['nginx']}", file=sys.stderr)
     scripts = {name: wrk_script(workdir, name, *spec) for name, spec in SCENARIOS.items()}
     for script in scripts.values():  # warm-up

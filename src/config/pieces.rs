@@ -7,15 +7,15 @@
 //! deserialize without an error. Any other file goes through the whole-document parse, so
 //! that errors are reported exactly as before.
 
+use std::convert::identity;
 use std::ops::Range;
 
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
-use toml::de::{DeTable, DeValue};
+use toml::de::DeTable;
 use toml::Spanned;
 
 use super::error::Source;
-use super::file::schema::{self, Child};
 use super::file::{CampaignSection, FileConfig, KeySection, RateLimitSection};
 use super::parallel::map_chunks;
 use super::validate::parse_allowlist;
@@ -80,33 +80,11 @@ fn parse_campaign_pieces(
 }
 
 /// Parses one piece as a document of its own. Returns `None` on a syntax error, an unknown
-/// key or a value of the wrong type.
+/// key or a value of the wrong type: every struct of the file denies unknown fields, so
+/// deserialization rejects the keys that `remove_unknown_keys` would report.
 fn parse_piece<T: DeserializeOwned>(text: &str) -> Option<T> {
     let root = DeTable::parse(text).ok()?;
-    if has_unknown_keys(root.get_ref(), schema::ROOT) {
-        return None;
-    }
     T::deserialize(toml::de::Deserializer::from(root)).ok()
-}
-
-/// Returns whether `table` holds a key that `remove_unknown_keys` would report.
-fn has_unknown_keys(table: &DeTable<'_>, known: &[(&str, Child)]) -> bool {
-    table.iter().any(|(key, item)| {
-        let name: &str = key.get_ref();
-        let Some((_, child)) = known.iter().find(|(known_name, _)| *known_name == name) else {
-            return true;
-        };
-        match (child, item.get_ref()) {
-            (Child::Table(fields), DeValue::Table(inner)) => has_unknown_keys(inner, fields),
-            (Child::ArrayOfTables(fields), DeValue::Array(entries)) => {
-                entries.iter().any(|entry| match entry.get_ref() {
-                    DeValue::Table(inner) => has_unknown_keys(inner, fields),
-                    _ => false,
-                })
-            }
-            _ => false,
-        }
-    })
 }
 
 /// Finds the top-level table headers of `text`: the lines that start with `[`.
@@ -190,17 +168,13 @@ fn shift<T>(value: Spanned<T>, offset: usize, inner: impl FnOnce(T) -> T) -> Spa
     )
 }
 
-fn same<T>(value: T) -> T {
-    value
-}
-
 fn shift_campaign(campaign: Spanned<CampaignSection>, offset: usize) -> Spanned<CampaignSection> {
     shift(campaign, offset, |campaign| CampaignSection {
-        id: shift(campaign.id, offset, same),
+        id: shift(campaign.id, offset, identity),
         allowed_ips: campaign
             .allowed_ips
             .into_iter()
-            .map(|ip| shift(ip, offset, same))
+            .map(|ip| shift(ip, offset, identity))
             .collect(),
         allow_any_ip: campaign.allow_any_ip,
         rate_limit: campaign
@@ -217,16 +191,18 @@ fn shift_campaign(campaign: Spanned<CampaignSection>, offset: usize) -> Spanned<
 
 fn shift_rate_limit(limit: RateLimitSection, offset: usize) -> RateLimitSection {
     RateLimitSection {
-        requests: shift(limit.requests, offset, same),
-        per_seconds: shift(limit.per_seconds, offset, same),
+        requests: shift(limit.requests, offset, identity),
+        per_seconds: shift(limit.per_seconds, offset, identity),
     }
 }
 
 fn shift_key(key: KeySection, offset: usize) -> KeySection {
     KeySection {
-        id: shift(key.id, offset, same),
-        sha256: shift(key.sha256, offset, same),
-        expires_at: key.expires_at.map(|expires| shift(expires, offset, same)),
+        id: shift(key.id, offset, identity),
+        sha256: shift(key.sha256, offset, identity),
+        expires_at: key
+            .expires_at
+            .map(|expires| shift(expires, offset, identity)),
     }
 }
 
@@ -290,7 +266,7 @@ keys = [{ id = "k", sha256 = "11111111111111111111111111111111111111111111111111
         assert!(errors.len() >= 6, "{errors:?}");
     }
 
-    /// A file with enough campaigns for several parser threads.
+    /// Builds a file with enough campaigns for several parser threads.
     fn many_campaigns(count: usize) -> String {
         let settings = &CAMPAIGNS[..=CAMPAIGNS.find("\n[[campaigns]]").unwrap()];
         let mut text = settings.to_owned();
@@ -326,6 +302,7 @@ keys = [{ id = "k", sha256 = "11111111111111111111111111111111111111111111111111
             ("requests = 0", "requests = \"0\""),
             ("requests = 0", "requests = 0\nburst = 1"),
             ("per_seconds = 1", "per_seconds = "),
+            ("allowed_ips = []", "allowed_ips = []\nparsed_allowlist = 1"),
         ] {
             let text = CAMPAIGNS.replacen(from, to, 1);
             assert!(pieces(&text).is_none(), "{to}");
@@ -355,7 +332,7 @@ keys = [{ id = "k", sha256 = "11111111111111111111111111111111111111111111111111
             "note = \"\"\"\n[campaigns.keys]\n\"\"\"\n",
         ] {
             // In a campaign or in the settings, `note` is an unknown key, and the text may
-            // look like a header to the scan. Only the whole-document parse may answer.
+            // look like a header to the scan. Only the whole-document parse may decide.
             let in_campaign = CAMPAIGNS.replacen(
                 "id = \"campaign_a\"\n",
                 &format!("id = \"campaign_a\"\n{value}"),

@@ -655,14 +655,7 @@ fn allowlists(
     if all_parsed {
         return sections
             .iter_mut()
-            .enumerate()
-            .map(|(index, section)| {
-                let section = section.get_mut();
-                section
-                    .parsed_allowlist
-                    .take()
-                    .unwrap_or_else(|| parse_allowlist(section, index, source))
-            })
+            .filter_map(|section| section.get_mut().parsed_allowlist.take())
             .collect();
     }
     let chunks = map_chunks(sections, MIN_ALLOWLISTS_PER_THREAD, |first, chunk| {

@@ -83,16 +83,16 @@ impl Table {
     /// than `MAX_KEYS_PER_CAMPAIGN` keys.
     pub fn new(environment: Environment, routes: Vec<Route>, campaigns: Vec<Campaign>) -> Self {
         // The union of a large table's allowlists is built on a second thread while this
-        // one indexes the keys; both only read the campaigns.
+        // one indexes the keys. Both only read the campaigns.
+        let union = || IpSet::union(campaigns.iter().map(|c| &c.networks));
         let (keys, callers) = std::thread::scope(|scope| {
-            let callers = (campaigns.len() >= PARALLEL_BUILD_CAMPAIGNS)
-                .then(|| scope.spawn(|| IpSet::union(campaigns.iter().map(|c| &c.networks))));
+            let builder = (campaigns.len() >= PARALLEL_BUILD_CAMPAIGNS).then(|| scope.spawn(union));
             let keys = index_keys(&campaigns);
-            let callers = match callers {
+            let callers = match builder {
                 Some(builder) => builder
                     .join()
                     .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
-                None => IpSet::union(campaigns.iter().map(|c| &c.networks)),
+                None => union(),
             };
             (keys, callers)
         });
