@@ -101,7 +101,7 @@ impl<'s> Report<'s> {
         self.source.line(offset)
     }
 
-    /// The file that the errors refer to.
+    /// Returns the file that the errors refer to.
     pub fn source(&self) -> &'s Source<'s> {
         self.source
     }
