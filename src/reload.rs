@@ -437,17 +437,28 @@ fn read_new_version(path: &Path, known: &Versions, force: bool) -> ReadOutcome {
             vec![format!("{}: the file is empty", path.display())],
         );
     }
-    let loaded = match config::parse_digested(&path.display().to_string(), text, digest) {
-        Ok(loaded) => loaded,
-        Err(errors) => {
-            return ReadOutcome::Invalid(digest, errors.0.iter().map(ToString::to_string).collect())
-        }
+    let parsed = match config::Parsed::new(&path.display().to_string(), text) {
+        Ok(parsed) => parsed,
+        Err(errors) => return invalid(digest, errors),
     };
-    // A writer may still be at work: apply the version only if the file still contains it.
-    if file_sha256(path).ok() != Some(digest) {
+    // A writer may still be at work: apply the version only if the file still contains
+    // it. The file is read again while the table is built, after the parse.
+    let (loaded, current) = std::thread::scope(|scope| {
+        let reread = scope.spawn(|| file_sha256(path));
+        (parsed.build(digest), reread.join())
+    });
+    let loaded = match loaded {
+        Ok(loaded) => loaded,
+        Err(errors) => return invalid(digest, errors),
+    };
+    if !matches!(current, Ok(Ok(current)) if current == digest) {
         return ReadOutcome::Changing;
     }
     ReadOutcome::Valid(digest, Box::new(loaded))
+}
+
+fn invalid(digest: [u8; 32], errors: config::ConfigErrors) -> ReadOutcome {
+    ReadOutcome::Invalid(digest, errors.0.iter().map(ToString::to_string).collect())
 }
 
 /// Returns the SHA-256 of the file at `path`, read in blocks, so that a large file is not

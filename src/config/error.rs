@@ -62,18 +62,21 @@ pub enum LoadError {
     Invalid(ConfigErrors),
 }
 
-/// The text of a configuration file, with the offsets where its lines start.
-pub(super) struct Source<'a> {
-    pub path: &'a str,
+/// The name of a configuration file, with the offsets where the lines of its text start.
+pub(super) struct Source {
+    pub path: String,
     line_starts: Vec<usize>,
 }
 
-impl<'a> Source<'a> {
-    pub fn new(path: &'a str, text: &str) -> Self {
+impl Source {
+    pub fn new(path: &str, text: &str) -> Self {
         let line_starts = std::iter::once(0)
             .chain(memchr::memchr_iter(b'\n', text.as_bytes()).map(|at| at + 1))
             .collect();
-        Self { path, line_starts }
+        Self {
+            path: path.to_owned(),
+            line_starts,
+        }
     }
 
     /// Returns the 1-based line that contains the byte at `offset`.
@@ -84,26 +87,23 @@ impl<'a> Source<'a> {
 
 /// Collects errors while a file is validated.
 pub(super) struct Report<'s> {
-    source: &'s Source<'s>,
+    source: &'s Source,
     pub errors: Vec<ConfigError>,
 }
 
 impl<'s> Report<'s> {
-    pub fn new(source: &'s Source<'s>) -> Self {
-        Self {
-            source,
-            errors: Vec::new(),
-        }
+    pub fn new(source: &'s Source) -> Self {
+        Self::with_errors(source, Vec::new())
+    }
+
+    /// Continues a report with the errors already found in the same file.
+    pub fn with_errors(source: &'s Source, errors: Vec<ConfigError>) -> Self {
+        Self { source, errors }
     }
 
     /// Returns the 1-based line that contains the byte at `offset`.
     pub fn line(&self, offset: usize) -> usize {
         self.source.line(offset)
-    }
-
-    /// Returns the file that the errors refer to.
-    pub fn source(&self) -> &'s Source<'s> {
-        self.source
     }
 
     /// Records an error at `span` of the file.
@@ -116,7 +116,7 @@ impl<'s> Report<'s> {
         message: impl Into<String>,
     ) {
         self.errors.push(ConfigError {
-            file: self.source.path.to_owned(),
+            file: self.source.path.clone(),
             line: self.source.line(span.start),
             campaign: campaign.map(str::to_owned),
             field: field.into(),

@@ -4,9 +4,6 @@
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::error::ConfigError;
-use crate::table::IpSet;
-
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
@@ -117,17 +114,6 @@ pub struct CampaignSection {
     pub rate_limit: Option<Spanned<RateLimitSection>>,
     #[serde(default)]
     pub keys: Vec<Spanned<KeySection>>,
-    /// The allowlist already parsed from `allowed_ips`, with its errors, when the
-    /// piece-by-piece parse built it; `allowed_ips` is then empty, to save memory.
-    #[serde(skip)]
-    pub parsed_allowlist: Option<ParsedAllowlist>,
-}
-
-/// A campaign's allowlist, parsed, and the errors found in it.
-#[derive(Debug)]
-pub struct ParsedAllowlist {
-    pub networks: IpSet,
-    pub errors: Vec<ConfigError>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -147,26 +147,60 @@ pub fn parse(path: &str, text: &str) -> Result<Config, ConfigErrors> {
     )
 }
 
-/// Parses and validates configuration text whose SHA-256 the caller has computed. The
-/// text is dropped once parsed, before the table is built, which lowers the peak memory
-/// of a large file.
+/// Parses and validates configuration text whose SHA-256 the caller has computed.
 pub fn parse_digested(path: &str, text: String, sha256: [u8; 32]) -> Result<Config, ConfigErrors> {
-    let source = Source::new(path, &text);
-    let mut report = Report::new(&source);
-    let file = match pieces::parse(&text, &source) {
-        Some(file) => file,
-        None => parse_document(&text, &mut report)?,
-    };
-    drop(text);
-    match validate::build(file, &mut report) {
-        Some((table, settings)) if report.errors.is_empty() => Ok(Config {
-            table,
-            settings,
-            sha256,
-        }),
-        _ => {
-            report.errors.sort_by_key(|error| error.line);
-            Err(ConfigErrors(report.errors))
+    Parsed::new(path, text)?.build(sha256)
+}
+
+/// A file that parsed, with each campaign checked on its own. What is left is the work
+/// that needs all campaigns at once: duplicate ids and key hashes, and the table.
+pub struct Parsed {
+    source: Source,
+    file: file::FileConfig,
+    campaigns: Vec<validate::CheckedCampaign>,
+    /// Problems found so far that do not stop the rest of the file from being checked.
+    errors: Vec<ConfigError>,
+}
+
+impl Parsed {
+    /// Parses configuration text; `path` only names the file in errors. The text is
+    /// dropped once parsed, before the table is built, which lowers the peak memory of a
+    /// large file.
+    pub fn new(path: &str, text: String) -> Result<Self, ConfigErrors> {
+        let source = Source::new(path, &text);
+        let mut report = Report::new(&source);
+        let (file, campaigns) = match pieces::parse(&text, &source) {
+            Some(parsed) => parsed,
+            None => {
+                let mut file = parse_document(&text, &mut report)?;
+                drop(text);
+                let campaigns = validate::check_campaigns(&file.campaigns, &source);
+                file.campaigns = Vec::new();
+                (file, campaigns)
+            }
+        };
+        let errors = report.errors;
+        Ok(Self {
+            source,
+            file,
+            campaigns,
+            errors,
+        })
+    }
+
+    /// Checks the campaigns together and builds the table; `sha256` identifies the text.
+    pub fn build(self, sha256: [u8; 32]) -> Result<Config, ConfigErrors> {
+        let mut report = Report::with_errors(&self.source, self.errors);
+        match validate::build(self.file, self.campaigns, &mut report) {
+            Some((table, settings)) if report.errors.is_empty() => Ok(Config {
+                table,
+                settings,
+                sha256,
+            }),
+            _ => {
+                report.errors.sort_by_key(|error| error.line);
+                Err(ConfigErrors(report.errors))
+            }
         }
     }
 }

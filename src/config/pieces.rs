@@ -18,7 +18,7 @@ use toml::Spanned;
 use super::error::Source;
 use super::file::{CampaignSection, FileConfig, KeySection, RateLimitSection};
 use super::parallel::map_chunks;
-use super::validate::parse_allowlist;
+use super::validate::{check_campaign, CheckedCampaign};
 
 /// A file cut at its top-level table headers.
 #[derive(Debug, PartialEq, Eq)]
@@ -38,10 +38,11 @@ struct CampaignPiece {
 
 /// Parses `text` piece by piece, or returns `None` when the file needs the whole-document
 /// parse: its shape is not settings then campaigns, or some piece has an error. Each
-/// campaign's allowlist is parsed as soon as its piece is, and its strings are dropped.
-pub(super) fn parse(text: &str, source: &Source<'_>) -> Option<FileConfig> {
+/// campaign is checked on its own as soon as its piece is parsed, in the same thread,
+/// and its parsed text is dropped there. The file's `campaigns` stays empty.
+pub(super) fn parse(text: &str, source: &Source) -> Option<(FileConfig, Vec<CheckedCampaign>)> {
     let pieces = split(text)?;
-    let mut file: FileConfig = parse_piece(&text[pieces.settings.clone()])?;
+    let file: FileConfig = parse_piece(&text[pieces.settings.clone()])?;
     if !file.campaigns.is_empty() {
         // Campaigns written another way, such as `campaigns = [...]`.
         return None;
@@ -49,11 +50,11 @@ pub(super) fn parse(text: &str, source: &Source<'_>) -> Option<FileConfig> {
     let parsed = map_chunks(&pieces.campaigns, MIN_PIECES_PER_THREAD, |first, chunk| {
         parse_campaign_pieces(text, first, chunk, source)
     });
-    file.campaigns.reserve_exact(pieces.campaigns.len());
+    let mut campaigns = Vec::with_capacity(pieces.campaigns.len());
     for chunk in parsed {
-        file.campaigns.extend(chunk?);
+        campaigns.extend(chunk?);
     }
-    Some(file)
+    Some((file, campaigns))
 }
 
 /// The minimum number of campaigns for each parser thread.
@@ -64,17 +65,14 @@ fn parse_campaign_pieces(
     text: &str,
     first: usize,
     ranges: &[Range<usize>],
-    source: &Source<'_>,
-) -> Option<Vec<Spanned<CampaignSection>>> {
+    source: &Source,
+) -> Option<Vec<CheckedCampaign>> {
     let mut campaigns = Vec::with_capacity(ranges.len());
     for (offset, range) in ranges.iter().enumerate() {
         let piece: CampaignPiece = parse_piece(&text[range.clone()])?;
         let [campaign] = <[_; 1]>::try_from(piece.campaigns).ok()?;
-        let mut campaign = shift_campaign(campaign, range.start);
-        let section = campaign.get_mut();
-        section.parsed_allowlist = Some(parse_allowlist(section, first + offset, source));
-        section.allowed_ips = Vec::new();
-        campaigns.push(campaign);
+        let section = shift_campaign(campaign.into_inner(), range.start);
+        campaigns.push(check_campaign(&section, first + offset, source));
     }
     Some(campaigns)
 }
@@ -168,8 +166,8 @@ fn shift<T>(value: Spanned<T>, offset: usize, inner: impl FnOnce(T) -> T) -> Spa
     )
 }
 
-fn shift_campaign(campaign: Spanned<CampaignSection>, offset: usize) -> Spanned<CampaignSection> {
-    shift(campaign, offset, |campaign| CampaignSection {
+fn shift_campaign(campaign: CampaignSection, offset: usize) -> CampaignSection {
+    CampaignSection {
         id: shift(campaign.id, offset, identity),
         allowed_ips: campaign
             .allowed_ips
@@ -185,8 +183,7 @@ fn shift_campaign(campaign: Spanned<CampaignSection>, offset: usize) -> Spanned<
             .into_iter()
             .map(|key| shift(key, offset, |key| shift_key(key, offset)))
             .collect(),
-        parsed_allowlist: campaign.parsed_allowlist,
-    })
+    }
 }
 
 fn shift_rate_limit(limit: RateLimitSection, offset: usize) -> RateLimitSection {
@@ -209,22 +206,20 @@ fn shift_key(key: KeySection, offset: usize) -> KeySection {
 #[cfg(test)]
 mod tests {
     use super::super::error::Report;
+    use super::super::validate::check_campaigns;
     use super::*;
 
-    /// Parses `text` as one document and settles its allowlists the way the pieces do.
-    fn whole_document(text: &str) -> FileConfig {
+    /// Parses `text` as one document and checks its campaigns the way the pieces do.
+    fn whole_document(text: &str) -> (FileConfig, Vec<CheckedCampaign>) {
         let source = Source::new("test.toml", text);
         let mut report = Report::new(&source);
         let mut file = super::super::parse_document(text, &mut report).unwrap();
-        for (index, campaign) in file.campaigns.iter_mut().enumerate() {
-            let section = campaign.get_mut();
-            section.parsed_allowlist = Some(parse_allowlist(section, index, &source));
-            section.allowed_ips = Vec::new();
-        }
-        file
+        let campaigns = check_campaigns(&file.campaigns, &source);
+        file.campaigns = Vec::new();
+        (file, campaigns)
     }
 
-    fn pieces(text: &str) -> Option<FileConfig> {
+    fn pieces(text: &str) -> Option<(FileConfig, Vec<CheckedCampaign>)> {
         parse(text, &Source::new("test.toml", text))
     }
 
@@ -286,7 +281,7 @@ keys = [{ id = "k", sha256 = "11111111111111111111111111111111111111111111111111
         let text = many_campaigns(3 * MIN_PIECES_PER_THREAD + 1);
         let whole = whole_document(&text);
         let pieces = pieces(&text).expect("the pieces parse");
-        assert_eq!(pieces.campaigns.len(), 3 * MIN_PIECES_PER_THREAD + 1);
+        assert_eq!(pieces.1.len(), 3 * MIN_PIECES_PER_THREAD + 1);
         assert_eq!(format!("{pieces:?}"), format!("{whole:?}"));
     }
 

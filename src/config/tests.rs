@@ -373,3 +373,27 @@ fn allow_any_ip_permits_whole_family() {
     );
     assert!(parse("test.toml", &text).is_ok());
 }
+
+#[test]
+fn shared_hash_reported_beside_other_key_errors() {
+    let text = VALID
+        .replacen("id = \"primary\"\n", "id = \"primary key\"\n", 1)
+        .replacen(HASH_B, HASH_A, 1);
+    let found = errors(&text);
+    let summary: Vec<(usize, &str)> = found.iter().map(|e| (e.line, e.field.as_str())).collect();
+    assert_eq!(
+        summary,
+        vec![
+            (19, "campaigns[0].keys[0].id"),
+            (26, "campaigns[1].keys[0].sha256")
+        ],
+        "{found:?}"
+    );
+    assert!(
+        found[1]
+            .message
+            .contains("key \"primary key\" of campaign \"campaign_a\" on line 20"),
+        "{}",
+        found[1]
+    );
+}

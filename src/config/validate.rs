@@ -3,18 +3,20 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::ops::Range;
 use std::time::Duration;
 
 use toml::Spanned;
 
 use super::address::{is_any, parse_network};
-use super::error::{Report, Source};
-use super::file::{CampaignSection, FileConfig, KeySection, ParsedAllowlist, UpstreamSection};
+use super::error::{ConfigError, Report, Source};
+use super::file::{CampaignSection, FileConfig, UpstreamSection};
 use super::file::{
     ClientIpSection, LimitsSection, LogSection, RateLimitSection, ReloadSection, ShutdownSection,
 };
 use super::parallel::map_chunks;
 use super::{Limits, Listen, Log, LogFormat, Metrics, Reload, Settings, Shutdown, Upstream};
+use crate::table::key::BuildDigestHasher;
 use crate::table::{
     Campaign, Environment, IpSet, KeyHash, KeyInfo, RateLimit, Route, Table, MAX_KEYS_PER_CAMPAIGN,
 };
@@ -25,7 +27,11 @@ const MAX_TIMEOUT_MS: i64 = 3_600_000;
 const MAX_ID_LEN: usize = 128;
 
 /// Builds the table and settings, or records every problem in `report`.
-pub(super) fn build(mut file: FileConfig, report: &mut Report<'_>) -> Option<(Table, Settings)> {
+pub(super) fn build(
+    file: FileConfig,
+    campaigns: Vec<CheckedCampaign>,
+    report: &mut Report<'_>,
+) -> Option<(Table, Settings)> {
     let environment = environment(&file.environment, report);
     let listen = listen(&file.listen, report);
     let upstream = upstream(&file.upstream, report);
@@ -49,8 +55,7 @@ pub(super) fn build(mut file: FileConfig, report: &mut Report<'_>) -> Option<(Ta
         per_campaign: file.metrics.and_then(|m| m.per_campaign).unwrap_or(false),
     };
     let reload = reload(file.reload.as_ref(), report);
-    let allowlists = allowlists(&mut file.campaigns, report.source());
-    let campaigns = campaigns(&file.campaigns, allowlists, default_rate_limit, report);
+    let campaigns = finish_campaigns(campaigns, default_rate_limit, report);
 
     if !report.errors.is_empty() {
         return None;
@@ -578,108 +583,140 @@ fn routes(section: &Spanned<super::file::RoutesSection>, report: &mut Report<'_>
     routes
 }
 
-/// The first key seen with a digest: its campaign id, key id and byte offset. Offsets
-/// become line numbers only for an error, because looking up the line of each of
-/// hundreds of thousands of keys takes a noticeable part of a large reload.
-type HashOwners<'a> = HashMap<KeyHash, (&'a str, &'a str, usize)>;
-
-fn campaigns(
-    sections: &[Spanned<CampaignSection>],
-    allowlists: Vec<ParsedAllowlist>,
-    default_rate_limit: Option<RateLimit>,
-    report: &mut Report<'_>,
-) -> Vec<Campaign> {
-    let mut first_offset_of_id: HashMap<&str, usize> = HashMap::with_capacity(sections.len());
-    let mut owner_of_hash: HashOwners<'_> =
-        HashMap::with_capacity(sections.len() * MAX_KEYS_PER_CAMPAIGN);
-    let mut campaigns = Vec::with_capacity(sections.len());
-    let mut allowlists = allowlists.into_iter();
-    for (index, section) in sections.iter().enumerate() {
-        let section = section.get_ref();
-        let id = section.id.get_ref().as_str();
-        let field = format!("campaigns[{index}]");
-        if let Some(message) = invalid_id(id) {
-            report.error(
-                section.id.span(),
-                Some(id),
-                format!("{field}.id"),
-                Some(id),
-                message,
-            );
-        }
-        if let Some(&first) = first_offset_of_id.get(id) {
-            let first = report.line(first);
-            report.error(
-                section.id.span(),
-                Some(id),
-                format!("{field}.id"),
-                Some(id),
-                format!("duplicate campaign id; it is first defined on line {first}"),
-            );
-        } else {
-            first_offset_of_id.insert(id, section.id.span().start);
-        }
-        let allowlist = allowlists.next().expect("one allowlist per campaign");
-        report.errors.extend(allowlist.errors);
-        let networks = allowlist.networks;
-        let keys = keys(section, &field, &mut owner_of_hash, report);
-        let own_rate_limit = rate_limit(
-            section.rate_limit.as_ref(),
-            Some(id),
-            &format!("{field}.rate_limit"),
-            report,
-        );
-        campaigns.push(Campaign {
-            id: id.into(),
-            networks,
-            keys,
-            rate_limit: own_rate_limit.or(default_rate_limit),
-        });
-    }
-    campaigns
+/// A campaign checked on its own: everything except the checks that compare it with
+/// the other campaigns (duplicate ids and key hashes) and the file's default rate limit.
+/// A large file's campaigns are checked on several threads.
+#[derive(Debug)]
+pub(super) struct CheckedCampaign {
+    /// The campaign with its own rate limit, if it has one. Keys whose hash is invalid
+    /// are left out.
+    campaign: Campaign,
+    id_span: Range<usize>,
+    /// For each key of `campaign`: its index in the campaign's `keys` and the span of its
+    /// `sha256` value.
+    key_places: Vec<(usize, Range<usize>)>,
+    errors: Vec<ConfigError>,
 }
 
-/// The minimum number of campaigns for each allowlist thread.
-const MIN_ALLOWLISTS_PER_THREAD: usize = 2_000;
+/// The minimum number of campaigns for each checking thread.
+const MIN_CAMPAIGNS_PER_THREAD: usize = 2_000;
 
-/// Returns the parsed allowlist of every campaign: the one that the piece-by-piece
-/// parse built, or else parsed here, split over a few threads, because for a large table
-/// it is the largest part of the work.
-fn allowlists(
-    sections: &mut [Spanned<CampaignSection>],
-    source: &Source<'_>,
-) -> Vec<ParsedAllowlist> {
-    let all_parsed = sections
-        .iter()
-        .all(|section| section.get_ref().parsed_allowlist.is_some());
-    if all_parsed {
-        return sections
-            .iter_mut()
-            .filter_map(|section| section.get_mut().parsed_allowlist.take())
-            .collect();
-    }
-    let chunks = map_chunks(sections, MIN_ALLOWLISTS_PER_THREAD, |first, chunk| {
+/// Checks every campaign of a file that was parsed as one document.
+pub(super) fn check_campaigns(
+    sections: &[Spanned<CampaignSection>],
+    source: &Source,
+) -> Vec<CheckedCampaign> {
+    let chunks = map_chunks(sections, MIN_CAMPAIGNS_PER_THREAD, |first, chunk| {
         chunk
             .iter()
             .enumerate()
-            .map(|(offset, section)| parse_allowlist(section.get_ref(), first + offset, source))
+            .map(|(offset, section)| check_campaign(section.get_ref(), first + offset, source))
             .collect::<Vec<_>>()
     });
     chunks.into_iter().flatten().collect()
 }
 
-/// Parses the allowlist of the campaign at `index` in the file.
-pub(super) fn parse_allowlist(
+/// Checks the campaign at `index` in the file on its own.
+pub(super) fn check_campaign(
     section: &CampaignSection,
     index: usize,
-    source: &Source<'_>,
-) -> ParsedAllowlist {
+    source: &Source,
+) -> CheckedCampaign {
     let mut report = Report::new(source);
-    let networks = allowlist(section, &format!("campaigns[{index}]"), &mut report);
-    ParsedAllowlist {
-        networks,
+    let id = section.id.get_ref().as_str();
+    let field = format!("campaigns[{index}]");
+    if let Some(message) = invalid_id(id) {
+        report.error(
+            section.id.span(),
+            Some(id),
+            format!("{field}.id"),
+            Some(id),
+            message,
+        );
+    }
+    let networks = allowlist(section, &field, &mut report);
+    let (keys, key_places) = keys(section, &field, &mut report);
+    let rate_limit = rate_limit(
+        section.rate_limit.as_ref(),
+        Some(id),
+        &format!("{field}.rate_limit"),
+        &mut report,
+    );
+    CheckedCampaign {
+        campaign: Campaign {
+            id: id.into(),
+            networks,
+            keys,
+            rate_limit,
+        },
+        id_span: section.id.span(),
+        key_places,
         errors: report.errors,
     }
+}
+
+/// Finishes the campaigns: reports the errors found in each, duplicate campaign ids and
+/// key hashes used twice, and applies the default rate limit.
+fn finish_campaigns(
+    mut checked: Vec<CheckedCampaign>,
+    default_rate_limit: Option<RateLimit>,
+    report: &mut Report<'_>,
+) -> Vec<Campaign> {
+    for campaign in &mut checked {
+        report.errors.append(&mut campaign.errors);
+    }
+    // The first campaign with an id, and the first key with a digest, by index. Offsets
+    // become line numbers only for an error, because looking up the line of each of
+    // hundreds of thousands of keys takes a noticeable part of a large reload.
+    let mut first_with_id: HashMap<&str, usize> = HashMap::with_capacity(checked.len());
+    let mut owner_of_hash: HashMap<KeyHash, (usize, usize), BuildDigestHasher> =
+        HashMap::with_capacity_and_hasher(
+            checked.len() * MAX_KEYS_PER_CAMPAIGN,
+            BuildDigestHasher::default(),
+        );
+    for (index, checked_campaign) in checked.iter().enumerate() {
+        let campaign = &checked_campaign.campaign;
+        let id = &*campaign.id;
+        if let Some(&first) = first_with_id.get(id) {
+            let first = report.line(checked[first].id_span.start);
+            report.error(
+                checked_campaign.id_span.clone(),
+                Some(id),
+                format!("campaigns[{index}].id"),
+                Some(id),
+                format!("duplicate campaign id; it is first defined on line {first}"),
+            );
+        } else {
+            first_with_id.insert(id, index);
+        }
+        let places = campaign.keys.iter().zip(&checked_campaign.key_places);
+        for (position, (key, (key_index, span))) in places.enumerate() {
+            let Some(&(owner, owner_position)) = owner_of_hash.get(&key.hash) else {
+                owner_of_hash.insert(key.hash, (index, position));
+                continue;
+            };
+            let owner = &checked[owner];
+            let owner_line = report.line(owner.key_places[owner_position].1.start);
+            report.error(
+                span.clone(),
+                Some(id),
+                format!("campaigns[{index}].keys[{key_index}].sha256"),
+                Some(&key.hash.to_hex()),
+                format!(
+                    "the same key hash is already used by key \"{}\" of campaign \"{}\" on line {owner_line}; every key must be unique",
+                    owner.campaign.keys[owner_position].id, owner.campaign.id,
+                ),
+            );
+        }
+    }
+    checked
+        .into_iter()
+        .map(|checked_campaign| {
+            let mut campaign = checked_campaign.campaign;
+            campaign.rate_limit = campaign.rate_limit.or(default_rate_limit);
+            campaign
+        })
+        .collect()
 }
 
 fn allowlist(section: &CampaignSection, field: &str, report: &mut Report<'_>) -> IpSet {
@@ -718,12 +755,13 @@ fn allowlist(section: &CampaignSection, field: &str, report: &mut Report<'_>) ->
     IpSet::from_networks(&networks)
 }
 
-fn keys<'a>(
-    section: &'a CampaignSection,
+/// Checks the keys of one campaign, and returns those with a valid hash and their places
+/// in the file (see `CheckedCampaign::key_places`).
+fn keys(
+    section: &CampaignSection,
     field: &str,
-    owner_of_hash: &mut HashOwners<'a>,
     report: &mut Report<'_>,
-) -> Vec<KeyInfo> {
+) -> (Vec<KeyInfo>, Vec<(usize, Range<usize>)>) {
     let campaign_id = section.id.get_ref().as_str();
     if section.keys.len() > MAX_KEYS_PER_CAMPAIGN {
         let extra = &section.keys[MAX_KEYS_PER_CAMPAIGN];
@@ -738,119 +776,70 @@ fn keys<'a>(
             ),
         );
     }
-    let mut seen_ids: Vec<(&str, usize)> = Vec::with_capacity(section.keys.len());
     let mut keys = Vec::with_capacity(section.keys.len());
+    let mut places = Vec::with_capacity(section.keys.len());
     for (index, key) in section.keys.iter().enumerate() {
-        if let Some(info) = key_info(
-            key,
-            campaign_id,
-            &KeyField {
-                campaign: field,
-                index,
-            },
-            &mut seen_ids,
-            owner_of_hash,
-            report,
-        ) {
-            keys.push(info);
-        }
-    }
-    keys
-}
-
-/// The field path of a key, formatted only for an error.
-struct KeyField<'f> {
-    campaign: &'f str,
-    index: usize,
-}
-
-impl std::fmt::Display for KeyField<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}.keys[{}]", self.campaign, self.index)
-    }
-}
-
-fn key_info<'a>(
-    key: &'a Spanned<KeySection>,
-    campaign_id: &'a str,
-    field: &KeyField<'_>,
-    seen_ids: &mut Vec<(&'a str, usize)>,
-    owner_of_hash: &mut HashOwners<'a>,
-    report: &mut Report<'_>,
-) -> Option<KeyInfo> {
-    let key = key.get_ref();
-    let id = key.id.get_ref().as_str();
-    let errors_before = report.errors.len();
-    if let Some(message) = invalid_id(id) {
-        report.error(
-            key.id.span(),
-            Some(campaign_id),
-            format!("{field}.id"),
-            Some(id),
-            message,
-        );
-    }
-    match seen_ids.iter().find(|(seen, _)| *seen == id) {
-        Some(&(_, first)) => {
-            let first = report.line(first);
+        let key = key.get_ref();
+        let key_field = || format!("{field}.keys[{index}]");
+        let id = key.id.get_ref().as_str();
+        if let Some(message) = invalid_id(id) {
             report.error(
                 key.id.span(),
                 Some(campaign_id),
-                format!("{field}.id"),
+                format!("{}.id", key_field()),
+                Some(id),
+                message,
+            );
+        }
+        let first_use = section.keys[..index]
+            .iter()
+            .find(|earlier| earlier.get_ref().id.get_ref() == id);
+        if let Some(first_use) = first_use {
+            let first = report.line(first_use.get_ref().id.span().start);
+            report.error(
+                key.id.span(),
+                Some(campaign_id),
+                format!("{}.id", key_field()),
                 Some(id),
                 format!("duplicate key id in this campaign; it is first used on line {first}"),
             );
         }
-        None => seen_ids.push((id, key.id.span().start)),
-    }
-
-    let hash_text = key.sha256.get_ref();
-    let hash = KeyHash::from_hex(hash_text);
-    match hash {
-        None => report.error(
-            key.sha256.span(),
-            Some(campaign_id),
-            format!("{field}.sha256"),
-            Some(hash_text),
-            "must be 64 lowercase hexadecimal digits, as printed by `keygate key hash`",
-        ),
-        Some(hash) => {
-            if let Some(&(owner, owner_key, first)) = owner_of_hash.get(&hash) {
-                let first = report.line(first);
-                report.error(
-                    key.sha256.span(),
-                    Some(campaign_id),
-                    format!("{field}.sha256"),
-                    Some(hash_text),
-                    format!(
-                        "the same key hash is already used by key \"{owner_key}\" of campaign \"{owner}\" on line {first}; every key must be unique"
-                    ),
-                );
-            } else {
-                owner_of_hash.insert(hash, (campaign_id, id, key.sha256.span().start));
-            }
-        }
-    }
-
-    let expires_at = key.expires_at.as_ref().and_then(|value| {
-        let parsed = chrono::DateTime::parse_from_rfc3339(value.get_ref());
-        if parsed.is_err() {
+        let hash_text = key.sha256.get_ref();
+        let hash = KeyHash::from_hex(hash_text);
+        if hash.is_none() {
             report.error(
-                value.span(),
+                key.sha256.span(),
                 Some(campaign_id),
-                format!("{field}.expires_at"),
-                Some(value.get_ref()),
-                "invalid timestamp; write RFC 3339, such as \"2027-06-30T00:00:00Z\"",
+                format!("{}.sha256", key_field()),
+                Some(hash_text),
+                "must be 64 lowercase hexadecimal digits, as printed by `keygate key hash`",
             );
         }
-        parsed.ok().map(|time| time.timestamp())
-    });
-
-    (report.errors.len() == errors_before).then(|| KeyInfo {
-        id: id.into(),
-        hash: hash.expect("checked above"),
-        expires_at,
-    })
+        let expires_at = key.expires_at.as_ref().and_then(|value| {
+            let parsed = chrono::DateTime::parse_from_rfc3339(value.get_ref());
+            if parsed.is_err() {
+                report.error(
+                    value.span(),
+                    Some(campaign_id),
+                    format!("{}.expires_at", key_field()),
+                    Some(value.get_ref()),
+                    "invalid timestamp; write RFC 3339, such as \"2027-06-30T00:00:00Z\"",
+                );
+            }
+            parsed.ok().map(|time| time.timestamp())
+        });
+        // A key with another error is kept for the check of hashes across campaigns; the
+        // table is built only from a file without errors.
+        if let Some(hash) = hash {
+            keys.push(KeyInfo {
+                id: id.into(),
+                hash,
+                expires_at,
+            });
+            places.push((index, key.sha256.span()));
+        }
+    }
+    (keys, places)
 }
 
 /// Returns why an id is invalid: ids are 1 to 128 of `A-Z a-z 0-9 _ -`.
