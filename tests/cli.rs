@@ -84,15 +84,27 @@ fn check_reports_all_errors_at_once() {
     let broken = base
         .replacen("\"::1\"", "\"::1/129\"", 1)
         .replacen("2020-01-01T00:00:00Z", "yesterday", 1)
-        .replacen("id = \"campaign_b\"", "id = \"campaign_a\"", 1);
+        .replacen("id = \"campaign_b\"", "id = \"campaign_a\"", 1)
+        .replacen(
+            "connect_timeout_ms = 1000",
+            "connect_timeout_ms = \"1000\"",
+            1,
+        )
+        .replacen("read_timeout_ms = 2000", "read_timeout_ms = true", 1);
     std::fs::write(&path, broken).unwrap();
     let output = keygate(&["check", "--config", path.to_str().unwrap()]);
     let stderr = text(&output.stderr);
     assert_eq!(output.status.code(), Some(64));
     assert!(
-        stderr.starts_with("error: the configuration is invalid (3 problems):"),
+        stderr.starts_with("error: the configuration is invalid (5 problems):"),
         "{stderr}"
     );
+    for field in ["connect_timeout_ms", "read_timeout_ms"] {
+        assert!(
+            stderr.contains(&format!("upstream.{field}: invalid type")),
+            "{stderr}"
+        );
+    }
     assert!(
         stderr.contains("\"::1/129\": prefix length is too long"),
         "{stderr}"

@@ -228,22 +228,90 @@ fn parse_document(text: &str, report: &mut Report<'_>) -> Result<file::FileConfi
     // Unknown keys are reported and removed, so that the rest of the file is still
     // checked and every error is reported at once.
     remove_unknown_keys(root.get_mut(), schema::ROOT, "", None, report);
-    match file::FileConfig::deserialize(toml::de::Deserializer::from(root)) {
-        Ok(file) => Ok(file),
-        Err(error) => {
-            let span = error.span().unwrap_or(0..0);
-            let (field, campaign) = locate(text, span.start);
+    // A value of the wrong type is reported and removed, and the rest deserialized again,
+    // so that such values are reported together. Field paths are looked up in the tree as
+    // parsed, where no removal has shifted an index.
+    let parsed = root.clone();
+    let mut removed: Vec<String> = Vec::new();
+    for _ in 0..MAX_TYPE_ERRORS {
+        let error = match file::FileConfig::deserialize(toml::de::Deserializer::from(root.clone()))
+        {
+            Ok(file) => return Ok(file),
+            Err(error) => error,
+        };
+        let message = error.message().trim_end();
+        let span = error.span().unwrap_or(0..0);
+        let caused_by_removal = removed
+            .iter()
+            .any(|name| message == format!("missing field `{name}`"));
+        // A table that lost a value it must have goes as a whole, without an error of
+        // keygate's making.
+        if !caused_by_removal {
+            let (field, campaign) =
+                find_value(parsed.get_ref(), span.start, "", None).unwrap_or_default();
             report.error(
-                span,
+                span.clone(),
                 campaign.as_deref(),
                 field,
                 None,
-                plain_type_names(error.message().trim_end()),
+                plain_type_names(message),
             );
-            report.errors.sort_by_key(|error| error.line);
-            Err(ConfigErrors(std::mem::take(&mut report.errors)))
+        }
+        match remove_value(root.get_mut(), &span) {
+            Some(name) => removed.push(name),
+            None => break,
         }
     }
+    report.errors.sort_by_key(|error| error.line);
+    Err(ConfigErrors(std::mem::take(&mut report.errors)))
+}
+
+/// The maximum number of values of the wrong type reported for one file. Each costs a
+/// deserialization of the whole document.
+const MAX_TYPE_ERRORS: usize = 10;
+
+/// Removes the value at `span` from the table or array where it sits, and returns the key
+/// that held it.
+fn remove_value(table: &mut DeTable<'_>, span: &std::ops::Range<usize>) -> Option<String> {
+    let mut found = None;
+    for (key, item) in table.iter_mut() {
+        if item.span() == *span {
+            found = Some(key.clone());
+            break;
+        }
+        let name = || Some(key.get_ref().to_string());
+        match item.get_mut() {
+            DeValue::Table(inner) => {
+                if let Some(name) = remove_value(inner, span) {
+                    return Some(name);
+                }
+            }
+            DeValue::Array(entries) => {
+                if let Some(index) = entries.iter().position(|entry| entry.span() == *span) {
+                    // `DeArray` has no `remove`. The array-of-tables flag that a rebuilt array loses is
+                    // read only by the parser.
+                    let rest = std::mem::replace(entries, toml::de::DeArray::new());
+                    *entries = rest
+                        .into_iter()
+                        .enumerate()
+                        .filter_map(|(at, entry)| (at != index).then_some(entry))
+                        .collect();
+                    return name();
+                }
+                for entry in entries.iter_mut() {
+                    if let DeValue::Table(inner) = entry.get_mut() {
+                        if let Some(name) = remove_value(inner, span) {
+                            return Some(name);
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    let key = found?;
+    table.remove(&key);
+    Some(key.get_ref().to_string())
 }
 
 /// Reports and removes every key that the schema does not know, with the campaign it
@@ -323,15 +391,6 @@ fn plain_type_names(message: &str) -> String {
     .fold(message.to_owned(), |text, (from, to)| {
         text.replace(from, to)
     })
-}
-
-/// Finds the field path, and the campaign, of the value at byte `offset`, for an error
-/// that deserialization reports with a position only.
-fn locate(text: &str, offset: usize) -> (String, Option<String>) {
-    DeTable::parse(text)
-        .ok()
-        .and_then(|root| find_value(root.get_ref(), offset, "", None))
-        .unwrap_or_default()
 }
 
 /// Searches a table for the value whose span contains `offset`. Only values have useful

@@ -375,6 +375,56 @@ fn allow_any_ip_permits_whole_family() {
 }
 
 #[test]
+fn wrong_types_reported_with_other_errors() {
+    let text = VALID
+        .replacen(
+            "connect_timeout_ms = 500",
+            "connect_timeout_ms = \"500\"",
+            1,
+        )
+        .replacen("\"2001:db8:a::/48\"]", "\"2001:db8:a::/48\", 5]", 1)
+        .replacen(
+            "id = \"campaign_b\"\n",
+            "id = \"campaign_a\"\nallow_any_ip = \"yes\"\n",
+            1,
+        );
+    let found = errors(&text);
+    let summary: Vec<(usize, &str)> = found.iter().map(|e| (e.line, e.field.as_str())).collect();
+    let expected = vec![
+        (9, "upstream.connect_timeout_ms"),
+        (16, "campaigns[0].allowed_ips[2]"),
+        (24, "campaigns[1].id"),
+        (25, "campaigns[1].allow_any_ip"),
+    ];
+    assert_eq!(summary, expected, "{found:?}");
+    assert!(
+        found[0].message.contains("expected an integer"),
+        "{}",
+        found[0]
+    );
+    assert!(
+        found[3].message.contains("expected a boolean"),
+        "{}",
+        found[3]
+    );
+}
+
+#[test]
+fn wrong_required_value_ends_search_quietly() {
+    let text = VALID
+        .replacen("connect_timeout_ms = 500", "connect_timeout_ms = true", 1)
+        .replacen("id = \"campaign_b\"", "id = 7", 1);
+    let found = errors(&text);
+    let summary: Vec<(usize, &str)> = found.iter().map(|e| (e.line, e.field.as_str())).collect();
+    assert_eq!(
+        summary,
+        vec![(9, "upstream.connect_timeout_ms"), (24, "campaigns[1].id")],
+        "{found:?}"
+    );
+    assert!(!found.iter().any(|e| e.message.contains("missing field")));
+}
+
+#[test]
 fn shared_hash_reported_beside_other_key_errors() {
     let text = VALID
         .replacen("id = \"primary\"\n", "id = \"primary key\"\n", 1)
