@@ -120,8 +120,10 @@ impl Reloader {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
+        let current = self.table.load_full();
         let read =
-            tokio::task::spawn_blocking(move || read_new_version(&path, &known, force)).await;
+            tokio::task::spawn_blocking(move || read_new_version(&path, &known, force, &current))
+                .await;
         let read = match read {
             Ok(read) => read,
             Err(join_error) => {
@@ -410,8 +412,9 @@ impl Watch {
     }
 }
 
-/// Reads the file and, if its content is new, parses and validates it.
-fn read_new_version(path: &Path, known: &Versions, force: bool) -> ReadOutcome {
+/// Reads the file and, if its content is new, parses and validates it. The new table
+/// shares the campaigns that did not change with `current`.
+fn read_new_version(path: &Path, known: &Versions, force: bool, current: &Table) -> ReadOutcome {
     let bytes = match std::fs::read(path) {
         Ok(bytes) => bytes,
         Err(error) => {
@@ -437,7 +440,7 @@ fn read_new_version(path: &Path, known: &Versions, force: bool) -> ReadOutcome {
             vec![format!("{}: the file is empty", path.display())],
         );
     }
-    let parsed = match config::Parsed::new(&path.display().to_string(), text) {
+    let parsed = match config::Parsed::new(&path.display().to_string(), text, Some(current)) {
         Ok(parsed) => parsed,
         Err(errors) => return invalid(digest, errors),
     };

@@ -21,7 +21,7 @@ use toml::de::{DeTable, DeValue};
 
 pub use error::{ConfigError, ConfigErrors, LoadError};
 
-use crate::table::Table;
+use crate::table::{SharedCampaigns, Table};
 use error::{Report, Source};
 use file::schema::{self, Child};
 
@@ -149,7 +149,7 @@ pub fn parse(path: &str, text: &str) -> Result<Config, ConfigErrors> {
 
 /// Parses and validates configuration text whose SHA-256 the caller has computed.
 pub fn parse_digested(path: &str, text: String, sha256: [u8; 32]) -> Result<Config, ConfigErrors> {
-    Parsed::new(path, text)?.build(sha256)
+    Parsed::new(path, text, None)?.build(sha256)
 }
 
 /// A file that parsed, with each campaign checked on its own. What is left is the work
@@ -165,16 +165,19 @@ pub struct Parsed {
 impl Parsed {
     /// Parses configuration text; `path` only names the file in errors. The text is
     /// dropped once parsed, before the table is built, which lowers the peak memory of a
-    /// large file.
-    pub fn new(path: &str, text: String) -> Result<Self, ConfigErrors> {
+    /// large file. Campaigns that did not change share their memory with `current`, the
+    /// table in force.
+    pub fn new(path: &str, text: String, current: Option<&Table>) -> Result<Self, ConfigErrors> {
         let source = Source::new(path, &text);
         let mut report = Report::new(&source);
-        let (file, campaigns) = match pieces::parse(&text, &source) {
+        let shared = current.map(SharedCampaigns::new);
+        let (file, campaigns) = match pieces::parse(&text, &source, shared.as_ref()) {
             Some(parsed) => parsed,
             None => {
                 let mut file = parse_document(&text, &mut report)?;
                 drop(text);
-                let campaigns = validate::check_campaigns(&file.campaigns, &source);
+                let campaigns =
+                    validate::check_campaigns(&file.campaigns, &source, shared.as_ref());
                 file.campaigns = Vec::new();
                 (file, campaigns)
             }

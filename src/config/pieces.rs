@@ -19,6 +19,7 @@ use super::error::Source;
 use super::file::{CampaignSection, FileConfig, KeySection, RateLimitSection};
 use super::parallel::map_chunks;
 use super::validate::{check_campaign, CheckedCampaign};
+use crate::table::SharedCampaigns;
 
 /// A file cut at its top-level table headers.
 #[derive(Debug, PartialEq, Eq)]
@@ -40,7 +41,11 @@ struct CampaignPiece {
 /// parse: its shape is not settings then campaigns, or some piece has an error. Each
 /// campaign is checked on its own as soon as its piece is parsed, in the same thread,
 /// and its parsed text is dropped there. The file's `campaigns` stays empty.
-pub(super) fn parse(text: &str, source: &Source) -> Option<(FileConfig, Vec<CheckedCampaign>)> {
+pub(super) fn parse(
+    text: &str,
+    source: &Source,
+    shared: Option<&SharedCampaigns<'_>>,
+) -> Option<(FileConfig, Vec<CheckedCampaign>)> {
     let pieces = split(text)?;
     let file: FileConfig = parse_piece(&text[pieces.settings.clone()])?;
     if !file.campaigns.is_empty() {
@@ -48,7 +53,7 @@ pub(super) fn parse(text: &str, source: &Source) -> Option<(FileConfig, Vec<Chec
         return None;
     }
     let parsed = map_chunks(&pieces.campaigns, MIN_PIECES_PER_THREAD, |first, chunk| {
-        parse_campaign_pieces(text, first, chunk, source)
+        parse_campaign_pieces(text, first, chunk, source, shared)
     });
     let mut campaigns = Vec::with_capacity(pieces.campaigns.len());
     for chunk in parsed {
@@ -66,13 +71,14 @@ fn parse_campaign_pieces(
     first: usize,
     ranges: &[Range<usize>],
     source: &Source,
+    shared: Option<&SharedCampaigns<'_>>,
 ) -> Option<Vec<CheckedCampaign>> {
     let mut campaigns = Vec::with_capacity(ranges.len());
     for (offset, range) in ranges.iter().enumerate() {
         let piece: CampaignPiece = parse_piece(&text[range.clone()])?;
         let [campaign] = <[_; 1]>::try_from(piece.campaigns).ok()?;
         let section = shift_campaign(campaign.into_inner(), range.start);
-        campaigns.push(check_campaign(&section, first + offset, source));
+        campaigns.push(check_campaign(&section, first + offset, source, shared));
     }
     Some(campaigns)
 }
@@ -214,13 +220,13 @@ mod tests {
         let source = Source::new("test.toml", text);
         let mut report = Report::new(&source);
         let mut file = super::super::parse_document(text, &mut report).unwrap();
-        let campaigns = check_campaigns(&file.campaigns, &source);
+        let campaigns = check_campaigns(&file.campaigns, &source, None);
         file.campaigns = Vec::new();
         (file, campaigns)
     }
 
     fn pieces(text: &str) -> Option<(FileConfig, Vec<CheckedCampaign>)> {
-        parse(text, &Source::new("test.toml", text))
+        parse(text, &Source::new("test.toml", text), None)
     }
 
     /// Settings, then campaigns with errors that only validation finds, written in the

@@ -447,3 +447,21 @@ fn shared_hash_reported_beside_other_key_errors() {
         found[1]
     );
 }
+
+#[test]
+fn reload_shares_unchanged_campaigns() {
+    let current = parse("test.toml", VALID).unwrap().table;
+    let text = VALID.replacen(HASH_B, &"3".repeat(64), 1);
+    let next = Parsed::new("test.toml", text, Some(&current))
+        .unwrap()
+        .build([0; 32])
+        .unwrap()
+        .table;
+    let (before, after) = (current.campaigns(), next.campaigns());
+    assert!(std::sync::Arc::ptr_eq(&before[0].id, &after[0].id));
+    assert!(std::sync::Arc::ptr_eq(&before[0].keys, &after[0].keys));
+    assert!(std::sync::Arc::ptr_eq(&before[1].id, &after[1].id));
+    assert!(!std::sync::Arc::ptr_eq(&before[1].keys, &after[1].keys));
+    assert_eq!(after[1].keys[0].hash.to_hex(), "3".repeat(64));
+    assert_eq!(before[1].networks, after[1].networks);
+}

@@ -18,7 +18,8 @@ use super::parallel::map_chunks;
 use super::{Limits, Listen, Log, LogFormat, Metrics, Reload, Settings, Shutdown, Upstream};
 use crate::table::key::BuildDigestHasher;
 use crate::table::{
-    Campaign, Environment, IpSet, KeyHash, KeyInfo, RateLimit, Route, Table, MAX_KEYS_PER_CAMPAIGN,
+    Campaign, Environment, IpSet, KeyHash, KeyInfo, RateLimit, Route, SharedCampaigns, Table,
+    MAX_KEYS_PER_CAMPAIGN,
 };
 
 const DEFAULT_CONNECT_TIMEOUT_MS: i64 = 2_000;
@@ -605,22 +606,27 @@ const MIN_CAMPAIGNS_PER_THREAD: usize = 2_000;
 pub(super) fn check_campaigns(
     sections: &[Spanned<CampaignSection>],
     source: &Source,
+    shared: Option<&SharedCampaigns<'_>>,
 ) -> Vec<CheckedCampaign> {
     let chunks = map_chunks(sections, MIN_CAMPAIGNS_PER_THREAD, |first, chunk| {
         chunk
             .iter()
             .enumerate()
-            .map(|(offset, section)| check_campaign(section.get_ref(), first + offset, source))
+            .map(|(offset, section)| {
+                check_campaign(section.get_ref(), first + offset, source, shared)
+            })
             .collect::<Vec<_>>()
     });
     chunks.into_iter().flatten().collect()
 }
 
-/// Checks the campaign at `index` in the file on its own.
+/// Checks the campaign at `index` in the file on its own. A valid campaign takes the
+/// parts that did not change from the table in force, when there is one.
 pub(super) fn check_campaign(
     section: &CampaignSection,
     index: usize,
     source: &Source,
+    shared: Option<&SharedCampaigns<'_>>,
 ) -> CheckedCampaign {
     let mut report = Report::new(source);
     let id = section.id.get_ref().as_str();
@@ -642,13 +648,17 @@ pub(super) fn check_campaign(
         &format!("{field}.rate_limit"),
         &mut report,
     );
+    let mut campaign = Campaign {
+        id: id.into(),
+        networks,
+        keys: keys.into(),
+        rate_limit,
+    };
+    if let (Some(shared), true) = (shared, report.errors.is_empty()) {
+        shared.share(&mut campaign);
+    }
     CheckedCampaign {
-        campaign: Campaign {
-            id: id.into(),
-            networks,
-            keys,
-            rate_limit,
-        },
+        campaign,
         id_span: section.id.span(),
         key_places,
         errors: report.errors,

@@ -48,7 +48,7 @@ impl TableDiff {
         for campaign in old.campaigns() {
             if !new_ids.contains_key(&*campaign.id) {
                 diff.campaigns_removed.push(campaign.id.to_string());
-                for key in &campaign.keys {
+                for key in campaign.keys.iter() {
                     diff.keys_removed
                         .push(format!("{}/{}", campaign.id, key.id));
                 }
@@ -59,7 +59,7 @@ impl TableDiff {
 
     fn add_keys(&mut self, campaign: &Campaign, previous: Option<&Campaign>) {
         let before = previous.map_or(&[][..], |p| &p.keys[..]);
-        for key in &campaign.keys {
+        for key in campaign.keys.iter() {
             if !before.contains(key) {
                 self.keys_added.push(format!("{}/{}", campaign.id, key.id));
             }

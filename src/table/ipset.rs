@@ -4,14 +4,15 @@
 //! IPv4 and IPv6 ranges are kept apart; callers turn IPv4-mapped IPv6 peers into IPv4 first.
 
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use ipnet::IpNet;
 
-/// An immutable set of IPv4 and IPv6 networks.
+/// An immutable set of IPv4 and IPv6 networks. A clone shares the ranges.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct IpSet {
-    v4: Box<[(u32, u32)]>,
-    v6: Box<[(u128, u128)]>,
+    v4: Arc<[(u32, u32)]>,
+    v6: Arc<[(u128, u128)]>,
 }
 
 impl IpSet {
@@ -26,8 +27,8 @@ impl IpSet {
             }
         }
         Self {
-            v4: merge(v4).into_boxed_slice(),
-            v6: merge(v6).into_boxed_slice(),
+            v4: merge(v4).into(),
+            v6: merge(v6).into(),
         }
     }
 
@@ -39,8 +40,8 @@ impl IpSet {
             .collect();
         let v6 = sets.flat_map(|set| set.v6.iter().copied()).collect();
         Self {
-            v4: merge(v4).into_boxed_slice(),
-            v6: merge(v6).into_boxed_slice(),
+            v4: merge(v4).into(),
+            v6: merge(v6).into(),
         }
     }
 
@@ -77,7 +78,6 @@ fn merge<T: Ord + Copy + num_step::Step>(mut ranges: Vec<(T, T)>) -> Vec<(T, T)>
             _ => merged.push((start, end)),
         }
     }
-    merged.shrink_to_fit();
     merged
 }
 

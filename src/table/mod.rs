@@ -10,6 +10,7 @@ pub mod key;
 pub mod path;
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 pub use client_ip::client_ip;
 pub use decide::{decide, Authorization, Decision, Denial, Grant, RequestFacts};
@@ -23,12 +24,12 @@ use key::BuildDigestHasher;
 /// The maximum number of keys per campaign: enough to rotate a key with no downtime.
 pub const MAX_KEYS_PER_CAMPAIGN: usize = 3;
 
-/// A validated campaign.
-#[derive(Debug)]
+/// A validated campaign. A clone shares the id, networks and keys.
+#[derive(Debug, Clone)]
 pub struct Campaign {
-    pub id: Box<str>,
+    pub id: Arc<str>,
     pub networks: IpSet,
-    pub keys: Vec<KeyInfo>,
+    pub keys: Arc<[KeyInfo]>,
     /// The campaign's own limit, or the file's default; `None` for no limit.
     pub rate_limit: Option<RateLimit>,
 }
@@ -142,6 +143,34 @@ impl Table {
         let slot = *self.keys.get(hash)?;
         let info = &self.campaign(slot.campaign).keys[usize::from(slot.key)];
         Some((slot, info))
+    }
+}
+
+/// The campaigns of a table in force, by id. A new table takes from them each part of a
+/// campaign that did not change, so that a reload needs new memory only for what changed.
+pub struct SharedCampaigns<'t> {
+    by_id: HashMap<&'t str, &'t Campaign>,
+}
+
+impl<'t> SharedCampaigns<'t> {
+    pub fn new(table: &'t Table) -> Self {
+        let by_id = table.campaigns.iter().map(|c| (&*c.id, c)).collect();
+        Self { by_id }
+    }
+
+    /// Replaces each part of `campaign` that equals the same part of the table's campaign
+    /// with the same id by that part.
+    pub fn share(&self, campaign: &mut Campaign) {
+        let Some(&current) = self.by_id.get(&*campaign.id) else {
+            return;
+        };
+        campaign.id = Arc::clone(&current.id);
+        if campaign.networks == current.networks {
+            campaign.networks = current.networks.clone();
+        }
+        if campaign.keys == current.keys {
+            campaign.keys = Arc::clone(&current.keys);
+        }
     }
 }
 
