@@ -24,7 +24,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::{timeout_at, Instant};
 
 use crate::metrics::{Metrics, RequestOutcome};
-use crate::proxy::{error_body, Keygate};
+use crate::proxy::{error_body, AccessLine, Keygate};
 use crate::table::Table;
 
 /// The longest PROXY protocol header: v2's 16-byte preamble and its longest address block
@@ -51,6 +51,8 @@ pub struct Frontend {
     pub limits: FrontendLimits,
     /// Whether every connection must start with a PROXY protocol header.
     pub proxy_protocol: bool,
+    /// Whether a 408 writes an access log line, as every answered request does.
+    pub access_log: bool,
 }
 
 #[async_trait]
@@ -159,7 +161,26 @@ impl Frontend {
             None,
             self.limits.header_timeout,
         );
-        tracing::debug!(request.id = %request_id, "request header not received in time");
+        if self.access_log {
+            // The request line may not have arrived, so method and path stay empty.
+            let peer = peer_ip(stream);
+            AccessLine {
+                request_id: &request_id,
+                client_ip: peer,
+                peer_ip: peer,
+                method: "",
+                path: b"",
+                status: 408,
+                code: reply.code,
+                campaign: None,
+                key: None,
+                upstream_status: 0,
+                duration: self.limits.header_timeout,
+                bytes_received: 0,
+                bytes_sent: body.len(),
+            }
+            .write();
+        }
         false
     }
 

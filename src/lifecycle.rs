@@ -12,7 +12,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use pingora::server::{ShutdownSignal, ShutdownSignalWatch};
+use pingora::server::{ShutdownSignal, ShutdownSignalWatch, ShutdownWatch};
+use pingora::services::background::BackgroundService;
 use tokio::signal::unix::{signal, SignalKind};
 
 /// How often the shutdown watcher checks whether requests are still in flight.
@@ -90,6 +91,44 @@ pub struct InFlight(Arc<Lifecycle>);
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Logs once the proxy listeners accept connections, which Pingora does not report.
+pub struct ListenerCheck {
+    pub lifecycle: Arc<Lifecycle>,
+}
+
+/// How long the listener check waits for the proxy listeners.
+const LISTENER_CHECK_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[async_trait]
+impl BackgroundService for ListenerCheck {
+    async fn start(&self, _shutdown: ShutdownWatch) {
+        let deadline = Instant::now() + LISTENER_CHECK_TIMEOUT;
+        let addresses = || {
+            let addresses = self
+                .lifecycle
+                .proxy_addresses
+                .iter()
+                .map(ToString::to_string);
+            addresses.collect::<Vec<_>>().join(",")
+        };
+        while Instant::now() < deadline {
+            match self.lifecycle.readiness().await {
+                Readiness::Ready => {
+                    tracing::info!(listen.addresses = %addresses(), "proxy listeners accept connections");
+                    return;
+                }
+                Readiness::ShuttingDown => return,
+                Readiness::Starting => tokio::time::sleep(IDLE_POLL).await,
+            }
+        }
+        tracing::warn!(
+            listen.addresses = %addresses(),
+            "proxy listeners do not accept connections {} s after start",
+            LISTENER_CHECK_TIMEOUT.as_secs(),
+        );
     }
 }
 

@@ -19,7 +19,7 @@ use pingora::services::listening::Service;
 use keygate::admin::Admin;
 use keygate::config::{self, LoadError, Upstream};
 use keygate::frontend::{Frontend, FrontendLimits};
-use keygate::lifecycle::{Lifecycle, ShutdownSequence};
+use keygate::lifecycle::{Lifecycle, ListenerCheck, ShutdownSequence};
 use keygate::metrics::Metrics;
 use keygate::proxy::{Keygate, UpstreamPeer};
 use keygate::rate_limit::RateLimiter;
@@ -163,16 +163,14 @@ fn run(path: &Path) -> Result<(), AppError> {
     keygate::logging::init(loaded.settings.log.format);
     let upstream = upstream_peer(&loaded.settings.upstream)?;
     let listen = &loaded.settings.listen;
-    for &address in listen
-        .proxy
-        .iter()
-        .chain(&listen.proxy_protocol)
-        .chain(&listen.admin)
-    {
+    let bind =
+        |address| TcpListener::bind(address).map_err(|source| AppError::Bind { address, source });
+    for &address in listen.proxy.iter().chain(&listen.proxy_protocol) {
         // Pingora retries a busy address for 30 s and then stops only that service, so
         // a busy address is found here instead and the process exits.
-        TcpListener::bind(address).map_err(|source| AppError::Bind { address, source })?;
+        bind(address)?;
     }
+    let admin_listener = listen.admin.map(bind).transpose()?;
     tracing::info!(
         config.path = %path.display(),
         campaigns = loaded.table.campaigns().len(),
@@ -259,6 +257,7 @@ fn run(path: &Path) -> Result<(), AppError> {
             metrics: Arc::clone(&metrics),
             limits,
             proxy_protocol,
+            access_log: settings.log.access,
         };
         let mut service = Service::new(name.to_owned(), frontend);
         for address in addresses {
@@ -273,16 +272,17 @@ fn run(path: &Path) -> Result<(), AppError> {
         server.add_service(service);
     }
 
-    if let Some(address) = settings.listen.admin {
-        let admin = Admin {
-            metrics,
-            lifecycle: Arc::clone(&lifecycle),
-        };
-        let mut service = Service::new("admin".to_owned(), admin);
-        service.add_tcp(&address.to_string());
-        server.add_service(service);
-        tracing::info!(listen.address = %address, "admin listener configured");
+    if let (Some(listener), Some(address)) = (admin_listener, settings.listen.admin) {
+        let admin = Admin::new(listener, metrics, Arc::clone(&lifecycle));
+        server.add_service(background_service("admin", admin));
+        tracing::info!(listen.address = %address, "admin listener bound");
     }
+    server.add_service(background_service(
+        "listener check",
+        ListenerCheck {
+            lifecycle: Arc::clone(&lifecycle),
+        },
+    ));
     server.add_service(background_service("config reload", reloader));
     if let Some(resolver) = resolver {
         server.add_service(background_service("upstream resolver", resolver));

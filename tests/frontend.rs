@@ -164,6 +164,17 @@ fn slow_header_gets_408() {
         "{received}"
     );
     assert_eq!(fronted.upstream.count(), 0);
+    // The 408 writes an access log line like any other answered request.
+    let output = fronted.keygate.wait_for_output("\"status\":408");
+    let line = output
+        .lines()
+        .find(|line| line.contains("\"status\":408"))
+        .unwrap();
+    assert!(line.contains("\"code\":\"request_timeout\""), "{line}");
+    assert!(
+        line.contains(&format!("\"client.ip\":\"{CLIENT_A}\"")),
+        "{line}"
+    );
 }
 
 #[test]

@@ -229,10 +229,11 @@ fn access_log_has_every_field_and_no_secret() {
     assert_eq!(post(keygate, CLIENT_A, &allowed, Some(KEY_A)), 201);
     let wrong_key = "key_test_presented-but-unknown";
     assert_eq!(post(keygate, CLIENT_A, MESSAGES_A, Some(wrong_key)), 401);
+    assert_eq!(post(keygate, CLIENT_B, MESSAGES_A, Some(KEY_B)), 403);
 
     wait_until(
-        || access_lines(&keygate.stdout()).len() == 2,
-        "two access log lines",
+        || access_lines(&keygate.stdout()).len() == 3,
+        "three access log lines",
     );
     let output = keygate.output();
     let lines = access_lines(&output);
@@ -272,9 +273,23 @@ fn access_log_has_every_field_and_no_secret() {
     );
     assert_eq!(denied["status"], 401);
     assert_eq!(denied["code"], "invalid_api_key_provided");
+    assert_eq!(denied["campaign.id"], "");
     assert_eq!(denied["key.id"], "");
+    // A key that was found names its own campaign, not the one in the path.
+    let other_campaign = &lines[2];
+    assert_eq!(other_campaign["code"], "campaign_not_allowed");
+    assert_eq!(other_campaign["campaign.id"], "campaign_b");
+    assert_eq!(other_campaign["key.id"], "primary");
+    assert_eq!(operated.upstream.count(), 1);
 
-    for secret in [KEY_A, wrong_key, "query-secret", "Bearer", "uthorization"] {
+    for secret in [
+        KEY_A,
+        KEY_B,
+        wrong_key,
+        "query-secret",
+        "Bearer",
+        "uthorization",
+    ] {
         assert!(
             !output.contains(secret),
             "{secret} appears in the output:\n{output}"
@@ -296,6 +311,11 @@ fn access_log_can_be_turned_off_and_text() {
         "{output}"
     );
     assert!(!output.contains("request.id"), "{output}");
+    assert!(output.contains("config reload started"), "{output}");
+    assert!(
+        !output.contains('\x1b'),
+        "colour codes in a file:\n{output}"
+    );
 }
 
 #[test]
@@ -332,6 +352,10 @@ fn sigterm_drains_then_finishes_requests_in_flight() {
         || TcpStream::connect(address).is_err(),
         "the proxy listener to close",
     );
+    // The admin listener answers for as long as the process runs.
+    assert!(!in_flight.is_finished(), "the slow request ended too early");
+    assert_eq!(admin_get(admin, "/readyz").0, 503);
+    assert_eq!(admin_get(admin, "/healthz").0, 200);
     let response = in_flight.join().unwrap();
     assert_eq!(response.status, 201);
     assert_eq!(keygate.wait_for_exit(), Some(0));
@@ -344,4 +368,70 @@ fn sigterm_drains_then_finishes_requests_in_flight() {
     // A connection attempt after the exit is refused too.
     thread::sleep(Duration::from_millis(50));
     assert!(TcpStream::connect(address).is_err());
+}
+
+#[test]
+fn metrics_count_upstream_errors() {
+    let upstream = Upstream::start();
+    let listen = free_address("127.0.0.1");
+    let admin = free_address("127.0.0.1");
+    let config = with_admin(&test_config(&[listen], upstream.address), admin).replacen(
+        "read_timeout_ms = 2000",
+        "read_timeout_ms = 300",
+        1,
+    );
+    let keygate = Keygate::start(&config, listen);
+    wait_for_listener(admin);
+    let auth = format!("Bearer {KEY_A}");
+    let slow = request(
+        "POST",
+        MESSAGES_A,
+        &[("Authorization", &auth), ("X-Test-Delay-Ms", "2000")],
+        BODY,
+    );
+    let timed_out = send(CLIENT_A, keygate.address, &slow);
+    assert_eq!(timed_out.status, 504);
+    assert_eq!(timed_out.error_code(), "upstream_timeout");
+    assert_eq!(upstream.count(), 1);
+
+    let series = "keygate_requests_total{code=\"upstream_timeout\",outcome=\"upstream_error\"}";
+    wait_until(
+        || sample(&admin_get(admin, "/metrics").1, series) == Some(1.0),
+        "the upstream error in the metrics",
+    );
+    let metrics = admin_get(admin, "/metrics").1;
+    assert_eq!(
+        sample(&metrics, "keygate_upstream_responses_total{class=\"2xx\"}"),
+        None,
+        "{metrics}"
+    );
+}
+
+/// Starts keygate and an upstream with `RUST_LOG` set to `filter`.
+fn start_with_rust_log(filter: &str) -> (Upstream, Keygate) {
+    let upstream = Upstream::start();
+    let listen = free_address("127.0.0.1");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keygate.toml");
+    std::fs::write(&path, test_config(&[listen], upstream.address)).unwrap();
+    let keygate = Keygate::start_with_env(dir, path, listen, &[("RUST_LOG", filter.as_ref())]);
+    (upstream, keygate)
+}
+
+#[test]
+fn rust_log_error_keeps_out_info_lines() {
+    let (upstream, keygate) = start_with_rust_log("error");
+    assert_eq!(post(&keygate, CLIENT_A, MESSAGES_A, Some(KEY_A)), 201);
+    assert_eq!(upstream.count(), 1);
+    let output = keygate.output();
+    assert!(!output.contains("\"level\":\"INFO\""), "{output}");
+    assert!(!output.contains("\"level\":\"WARN\""), "{output}");
+}
+
+#[test]
+fn invalid_rust_log_is_reported() {
+    let (_upstream, keygate) = start_with_rust_log("warn,keygate=nonsense");
+    let output = keygate.wait_for_output("RUST_LOG is invalid");
+    assert!(output.contains("logging at info instead"), "{output}");
+    keygate.wait_for_output("proxy listeners accept connections");
 }

@@ -85,7 +85,7 @@ fn invalid_values_report_line_and_field() {
             "admin = \"127.0.0.1:8080\"",
             5,
             "listen.admin",
-            "own address",
+            "port of its own",
         ),
         (
             "address = \"127.0.0.1:9000\"",
@@ -464,4 +464,24 @@ fn reload_shares_unchanged_campaigns() {
     assert!(!std::sync::Arc::ptr_eq(&before[1].keys, &after[1].keys));
     assert_eq!(after[1].keys[0].hash.to_hex(), "3".repeat(64));
     assert_eq!(before[1].networks, after[1].networks);
+}
+
+#[test]
+fn admin_port_must_not_overlap_a_proxy_listener() {
+    for admin in ["127.0.0.1:8080", "0.0.0.0:8080", "[::]:8080"] {
+        let found = errors_after(
+            "admin = \"127.0.0.1:9901\"",
+            &format!("admin = \"{admin}\""),
+        );
+        assert_eq!(found.len(), 1, "{admin}: {found:?}");
+        assert_eq!(found[0].line, 5, "{admin}");
+        assert_eq!(found[0].field, "listen.admin", "{admin}");
+        assert!(found[0].message.contains("port of its own"), "{admin}");
+    }
+    let elsewhere = VALID.replacen(
+        "admin = \"127.0.0.1:9901\"",
+        "admin = \"127.0.0.2:8080\"",
+        1,
+    );
+    assert!(parse("test.toml", &elsewhere).is_ok());
 }

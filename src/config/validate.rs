@@ -117,13 +117,13 @@ fn listen(
     for (index, entry) in section.proxy_protocol.iter().enumerate() {
         let field = format!("listen.proxy_protocol[{index}]");
         if let Some(address) = socket_address(entry, &field, report) {
-            if proxy.contains(&address) {
+            if proxy.iter().any(|other| overlaps(other, &address)) {
                 report.error(
                     entry.span(),
                     None,
                     field,
                     Some(entry.get_ref()),
-                    "this address is also in listen.proxy; a listener either expects the PROXY protocol or not",
+                    "this port is also in listen.proxy on the same or every address; a listener either expects the PROXY protocol or not",
                 );
             }
             proxy_protocol.push(address);
@@ -134,13 +134,17 @@ fn listen(
         .as_ref()
         .and_then(|entry| socket_address(entry, "listen.admin", report).map(|a| (a, entry)));
     if let Some((address, entry)) = admin {
-        if proxy.contains(&address) || proxy_protocol.contains(&address) {
+        if proxy
+            .iter()
+            .chain(&proxy_protocol)
+            .any(|other| overlaps(other, &address))
+        {
             report.error(
                 entry.span(),
                 None,
                 "listen.admin",
                 Some(entry.get_ref()),
-                "the admin listener needs its own address, not one of the proxy's",
+                "the admin listener needs a port of its own; a proxy listener uses this port on the same or every address",
             );
         }
     }
@@ -149,6 +153,15 @@ fn listen(
         proxy_protocol,
         admin: admin.map(|(address, _)| address),
     })
+}
+
+/// Returns whether two listeners would take the same connections: the same port, on the
+/// same address or where either listens on every address.
+fn overlaps(first: &SocketAddr, second: &SocketAddr) -> bool {
+    first.port() == second.port()
+        && (first.ip() == second.ip()
+            || first.ip().is_unspecified()
+            || second.ip().is_unspecified())
 }
 
 fn socket_address(

@@ -23,7 +23,9 @@ use crate::config::Limits;
 use crate::lifecycle::{InFlight, Lifecycle};
 use crate::metrics::{Metrics, RequestOutcome};
 use crate::rate_limit::{retry_after_seconds, RateLimiter};
-use crate::table::{client_ip, decide, Decision, Denial, Grant, RequestFacts, Table};
+use crate::table::{
+    client_ip, decide, presented_key, Decision, Denial, Grant, KeySlot, RequestFacts, Table,
+};
 use crate::upstream::UpstreamAddresses;
 pub use headers::is_reserved;
 use headers::RawAuthorization;
@@ -81,6 +83,8 @@ pub struct RequestContext {
     /// The client: the peer, or the address that trusted proxies forwarded.
     client_ip: Option<IpAddr>,
     grant: Option<Grant>,
+    /// The key of a request denied for its address or path, for the access log.
+    presented_key: Option<KeySlot>,
     outcome: Outcome,
     upstream_status: Option<u16>,
     /// Request body bytes read so far, for the body size limit.
@@ -102,6 +106,7 @@ impl ProxyHttp for Keygate {
             peer_ip: None,
             client_ip: None,
             grant: None,
+            presented_key: None,
             outcome: Outcome::Pending,
             upstream_status: None,
             body_bytes: 0,
@@ -154,6 +159,11 @@ impl ProxyHttp for Keygate {
         let decision_started = Instant::now();
         let decision = decide(&table, &facts);
         self.metrics.observe_decision(decision_started.elapsed());
+        if let Decision::Deny(Denial::CallerNotAllowedForKey | Denial::CampaignNotAllowed) =
+            decision
+        {
+            ctx.presented_key = presented_key(&table, &facts);
+        }
 
         session.set_keepalive(Some(self.limits.keepalive_timeout.as_secs()));
 
@@ -360,12 +370,14 @@ impl ProxyHttp for Keygate {
             Outcome::ClientError(code) => (RequestOutcome::Rejected, code),
             Outcome::UpstreamError(code) => (RequestOutcome::UpstreamError, code),
         };
-        let (campaign, key) = match (ctx.grant, ctx.table.as_ref()) {
-            (Some(grant), Some(table)) => {
-                let campaign = table.campaign(grant.campaign);
+        let slot = ctx.grant.map(|grant| (grant.campaign, grant.key));
+        let slot = slot.or(ctx.presented_key.map(|slot| (slot.campaign, slot.key)));
+        let (campaign, key) = match (slot, ctx.table.as_ref()) {
+            (Some((campaign, key)), Some(table)) => {
+                let campaign = table.campaign(campaign);
                 (
                     Some(&*campaign.id),
-                    Some(&*campaign.keys[usize::from(grant.key)].id),
+                    Some(&*campaign.keys[usize::from(key)].id),
                 )
             }
             _ => (None, None),
@@ -377,22 +389,61 @@ impl ProxyHttp for Keygate {
             return;
         }
 
-        let status = session.response_written().map_or(0, |r| r.status.as_u16());
-        let path = path_of(session.req_header());
-        tracing::info!(
-            request.id = %ctx.request_id,
-            client.ip = %ctx.client_ip.map(|ip| ip.to_string()).unwrap_or_default(),
-            peer.ip = %ctx.peer_ip.map(|ip| ip.to_string()).unwrap_or_default(),
-            method = %session.req_header().method,
-            path = %String::from_utf8_lossy(path),
-            status,
+        AccessLine {
+            request_id: &ctx.request_id,
+            client_ip: ctx.client_ip,
+            peer_ip: ctx.peer_ip,
+            method: session.req_header().method.as_str(),
+            path: path_of(session.req_header()),
+            status: session.response_written().map_or(0, |r| r.status.as_u16()),
             code,
-            campaign.id = campaign.unwrap_or(""),
-            key.id = key.unwrap_or(""),
-            upstream.status = ctx.upstream_status.unwrap_or(0),
-            duration_ms = duration.as_secs_f64() * 1000.0,
-            bytes.received = session.body_bytes_read(),
-            bytes.sent = session.body_bytes_sent(),
+            campaign,
+            key,
+            upstream_status: ctx.upstream_status.unwrap_or(0),
+            duration,
+            bytes_received: session.body_bytes_read(),
+            bytes_sent: session.body_bytes_sent(),
+        }
+        .write();
+    }
+}
+
+/// The fields of one access log line. The line never holds the key, the `Authorization`
+/// header or the query string.
+pub struct AccessLine<'a> {
+    pub request_id: &'a str,
+    pub client_ip: Option<IpAddr>,
+    pub peer_ip: Option<IpAddr>,
+    pub method: &'a str,
+    /// The path without the query.
+    pub path: &'a [u8],
+    pub status: u16,
+    pub code: &'a str,
+    pub campaign: Option<&'a str>,
+    pub key: Option<&'a str>,
+    pub upstream_status: u16,
+    pub duration: Duration,
+    pub bytes_received: usize,
+    pub bytes_sent: usize,
+}
+
+impl AccessLine<'_> {
+    pub fn write(&self) {
+        let ip = |ip: Option<IpAddr>| ip.map(|ip| ip.to_string()).unwrap_or_default();
+        tracing::info!(
+            request.id = %self.request_id,
+            client.ip = %ip(self.client_ip),
+            peer.ip = %ip(self.peer_ip),
+            method = %self.method,
+            path = %String::from_utf8_lossy(self.path),
+            status = self.status,
+            code = self.code,
+            campaign.id = self.campaign.unwrap_or(""),
+            key.id = self.key.unwrap_or(""),
+            upstream.status = self.upstream_status,
+            duration_ms = self.duration.as_secs_f64() * 1000.0,
+            bytes.received = self.bytes_received,
+            bytes.sent = self.bytes_sent,
             "request",
         );
     }

@@ -183,6 +183,13 @@ fn check(table: &Table, facts: &RequestFacts<'_>) -> Result<Grant, Denial> {
     }
 }
 
+/// Returns the campaign and key of the key that the request presents, when the table
+/// knows it and it has not expired. The access log names them for a request that was
+/// denied for its address or its path.
+pub fn presented_key(table: &Table, facts: &RequestFacts<'_>) -> Option<KeySlot> {
+    find_key(table, facts).ok()
+}
+
 /// Finds the key that the request presents, or returns the denial for its absence.
 fn find_key(table: &Table, facts: &RequestFacts<'_>) -> Result<KeySlot, Denial> {
     let value = match facts.authorization {

@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 pub use client_ip::client_ip;
-pub use decide::{decide, Authorization, Decision, Denial, Grant, RequestFacts};
+pub use decide::{decide, presented_key, Authorization, Decision, Denial, Grant, RequestFacts};
 pub use diff::{NameList, TableDiff};
 pub use ipset::IpSet;
 pub use key::{Environment, KeyHash};
