@@ -23,6 +23,7 @@ use pingora::server::ShutdownWatch;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::{timeout_at, Instant};
 
+use crate::lifecycle::{InFlight, Lifecycle};
 use crate::metrics::{Metrics, RequestOutcome};
 use crate::proxy::{error_body, AccessLine, Keygate};
 use crate::table::Table;
@@ -53,6 +54,8 @@ pub struct Frontend {
     pub proxy_protocol: bool,
     /// Whether a 408 writes an access log line, as every answered request does.
     pub access_log: bool,
+    /// Counts requests in flight from their first byte, for the shutdown sequence.
+    pub lifecycle: Arc<Lifecycle>,
 }
 
 #[async_trait]
@@ -74,12 +77,9 @@ impl ServerApp for Frontend {
         let mut persistent: Option<HttpPersistentSettings> = None;
         let mut first = true;
         loop {
-            if !self
+            let in_flight = self
                 .read_header(&mut stream, &mut buffer, first, started, shutdown)
-                .await
-            {
-                return None;
-            }
+                .await?;
             first = false;
             // The buffer keeps its capacity, so the next request and the body bytes that
             // came with it are read at once. A body split here would cost one more write
@@ -94,14 +94,17 @@ impl ServerApp for Frontend {
                 settings.apply_to_session(&mut session);
             }
             let reused = self.proxy.process_new_http(session, shutdown).await?;
+            drop(in_flight);
             (stream, persistent) = reused.consume();
         }
     }
 }
 
 impl Frontend {
-    /// Reads until the end of a request header, or sends 408 and returns false when the
+    /// Reads until the end of a request header, or sends 408 and returns `None` when the
     /// deadline passes. An idle keep-alive connection that sends nothing is closed quietly.
+    /// From its first byte the request counts as in flight for the shutdown sequence, until
+    /// the returned guard is dropped.
     async fn read_header(
         &self,
         stream: &mut Stream,
@@ -109,7 +112,7 @@ impl Frontend {
         first: bool,
         connected: Instant,
         shutdown: &ShutdownWatch,
-    ) -> bool {
+    ) -> Option<InFlight> {
         if buffer.is_empty() {
             let idle_limit = if first {
                 connected + self.limits.header_timeout
@@ -119,15 +122,19 @@ impl Frontend {
             let mut shutdown = shutdown.clone();
             let read = tokio::select! {
                 read = timeout_at(idle_limit, stream.read_buf(buffer)) => read,
-                _ = shutdown.wait_for(|stopping| *stopping), if !first => return false,
+                _ = shutdown.wait_for(|stopping| *stopping), if !first => return None,
             };
             match read {
-                Ok(Ok(0)) | Ok(Err(_)) => return false,
+                Ok(Ok(0)) | Ok(Err(_)) => return None,
                 Ok(Ok(_)) => {}
-                Err(_) if first => return self.timed_out(stream).await,
-                Err(_) => return false,
+                Err(_) if first => {
+                    self.timed_out(stream).await;
+                    return None;
+                }
+                Err(_) => return None,
             }
         }
+        let in_flight = self.lifecycle.track_request();
         let deadline = if first {
             connected + self.limits.header_timeout
         } else {
@@ -135,16 +142,19 @@ impl Frontend {
         };
         while !header_complete(buffer) && buffer.len() <= self.limits.max_header_bytes {
             match timeout_at(deadline, stream.read_buf(buffer)).await {
-                Ok(Ok(0)) | Ok(Err(_)) => return false,
+                Ok(Ok(0)) | Ok(Err(_)) => return None,
                 Ok(Ok(_)) => {}
-                Err(_) => return self.timed_out(stream).await,
+                Err(_) => {
+                    self.timed_out(stream).await;
+                    return None;
+                }
             }
         }
-        true
+        Some(in_flight)
     }
 
     /// Sends 408 to a client that did not send its request header in time.
-    async fn timed_out(&self, stream: &mut Stream) -> bool {
+    async fn timed_out(&self, stream: &mut Stream) {
         let request_id = crate::proxy::new_request_id();
         let reply = crate::proxy::timeout_reply();
         let body = error_body(&reply, &request_id);
@@ -181,7 +191,6 @@ impl Frontend {
             }
             .write();
         }
-        false
     }
 
     /// Reads the PROXY protocol header and makes its source address the connection's

@@ -258,6 +258,7 @@ fn run(path: &Path) -> Result<(), AppError> {
             limits,
             proxy_protocol,
             access_log: settings.log.access,
+            lifecycle: Arc::clone(&lifecycle),
         };
         let mut service = Service::new(name.to_owned(), frontend);
         for address in addresses {

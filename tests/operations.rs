@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
 use std::thread;
 use std::time::Duration;
@@ -434,4 +435,35 @@ fn invalid_rust_log_is_reported() {
     let output = keygate.wait_for_output("RUST_LOG is invalid");
     assert!(output.contains("logging at info instead"), "{output}");
     keygate.wait_for_output("proxy listeners accept connections");
+}
+
+#[test]
+fn sigterm_waits_for_a_header_that_started_arriving() {
+    let operated = start("[shutdown]\ndrain_delay_seconds = 1\ngrace_period_seconds = 20");
+    let Operated {
+        upstream,
+        mut keygate,
+        ..
+    } = operated;
+    let address = keygate.address;
+    let auth = format!("Bearer {KEY_A}");
+    let whole = request("POST", MESSAGES_A, &[("Authorization", &auth)], BODY);
+    let (start_of_header, rest) = whole.split_at(20);
+    let mut stream = client::connect(CLIENT_A, address);
+    stream.write_all(start_of_header).unwrap();
+
+    keygate.signal("TERM");
+    wait_until(
+        || TcpStream::connect(address).is_err(),
+        "the proxy listener to close",
+    );
+    // Once nothing is in flight for 200 ms after the drain delay, keygate exits. The rest
+    // of the header comes later than that, so a header that had started arriving must
+    // count as in flight.
+    thread::sleep(Duration::from_millis(600));
+    stream.write_all(rest).unwrap();
+    let response = client::read_response(&mut stream).unwrap();
+    assert_eq!(response.status, 201);
+    assert_eq!(upstream.count(), 1);
+    assert_eq!(keygate.wait_for_exit(), Some(0));
 }
