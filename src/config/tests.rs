@@ -320,6 +320,24 @@ fn wrong_type_reports_its_line() {
     assert_eq!(found[0].line, 9, "{}", found[0]);
 }
 
+#[test]
+fn unquoted_datetime_suggests_quotes() {
+    let found = errors_after(
+        "expires_at = \"2027-06-30T00:00:00Z\"",
+        "expires_at = 2027-06-30T00:00:00Z",
+    );
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0].line, 21);
+    assert_eq!(found[0].field, "campaigns[0].keys[0].expires_at");
+    let message = &found[0].message;
+    assert!(message.contains("TOML date-time"), "{message}");
+    assert!(
+        message.contains("write it as a quoted string such as \"2027-06-30T00:00:00Z\""),
+        "{message}"
+    );
+    assert!(!message.contains("map"), "{message}");
+}
+
 /// Returns the errors of the valid file with `[client_ip] trusted_proxies = entries`.
 fn trusted_proxies_errors(entries: &str) -> Vec<ConfigError> {
     let section = format!("[client_ip]\ntrusted_proxies = {entries}\n\n[routes]");
