@@ -9,11 +9,17 @@ KEY_B=key_test_iqSwwEgKrLdFojP93p5V6zMuhmajASGdHT3kjIivKhE   # campaign_7b3d9e01
 PROXY=http://127.0.0.1:8080
 MESSAGES_A=$PROXY/api/v2/campaigns/campaign_5e1f2c4a/messages
 
-if ! command -v cmake >/dev/null 2>&1; then
-  echo "Installing cmake, which Pingora's build needs..."
+# Pingora's build needs cmake, and the requests below are sent with curl.
+missing=()
+for tool in cmake curl; do
+  command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "Installing ${missing[*]}..."
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
-  $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq cmake curl >/dev/null
+  $sudo apt-get update -qq
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 echo "Building keygate and the stand-in SMS API..."
 cargo build --quiet --bin keygate --example sms_api

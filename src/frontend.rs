@@ -162,9 +162,19 @@ impl Frontend {
             "HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\nContent-Length: {}\r\nX-Request-Id: {request_id}\r\nConnection: close\r\n\r\n",
             body.len()
         );
-        let _ = stream.write_all(head.as_bytes()).await;
-        let _ = stream.write_all(&body).await;
-        let _ = stream.flush().await;
+        let written = async {
+            stream.write_all(head.as_bytes()).await?;
+            stream.write_all(&body).await?;
+            stream.flush().await
+        }
+        .await;
+        if let Err(error) = written {
+            tracing::debug!(
+                request.id = %request_id,
+                error = %error,
+                "408 response not sent; the client connection failed",
+            );
+        }
         self.metrics.record_request(
             RequestOutcome::Rejected,
             reply.code,
@@ -237,6 +247,7 @@ impl Frontend {
         buffer.drain(..length);
         if let Some(source) = source {
             let digest = SocketDigest::from_raw_fd(stream.id());
+            // `from_raw_fd` leaves the peer address unset (Pingora 0.9.1), so `set` cannot fail.
             let _ = digest.peer_addr.set(Some(PeerAddr::Inet(source)));
             stream.set_socket_digest(digest);
         }

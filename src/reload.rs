@@ -241,6 +241,8 @@ impl Reloader {
             Ok(event) => {
                 let names = handler_names.lock().unwrap_or_else(|e| e.into_inner());
                 if event.paths.is_empty() || event.paths.iter().any(|p| is_relevant(p, &names)) {
+                    // Sending fails only after the reload service stopped and dropped the
+                    // receiver, and then no reload is needed.
                     let _ = events.send(());
                 }
             }
@@ -392,7 +394,15 @@ impl Watch {
         *self.names.lock().unwrap_or_else(|e| e.into_inner()) = relevant_names(path);
         for directory in &self.directories {
             if !wanted.contains(directory) {
-                let _ = self.watcher.unwatch(directory);
+                if let Err(error) = self.watcher.unwatch(directory) {
+                    // This can fail, for example for a deleted directory, and the
+                    // directory leaves the list either way.
+                    tracing::debug!(
+                        directory = %directory.display(),
+                        error = %error,
+                        "failed to stop watching a config directory",
+                    );
+                }
             }
         }
         self.directories.retain(|d| wanted.contains(d));

@@ -34,7 +34,32 @@ pub fn parse_network(text: &str) -> Result<IpNet, String> {
             network.trunc()
         ));
     }
+    check_canonical_ipv6(address, address_text, prefix_text)?;
     Ok(network)
+}
+
+/// Rejects an IPv6 address not written in the RFC 5952 form, which is what `Ipv6Addr`
+/// formats to: lowercase, no leading zeros in a group, and `::` for the longest run of
+/// zero groups. One address then has one spelling in the file, the logs and `grep`.
+fn check_canonical_ipv6(
+    address: IpAddr,
+    address_text: &str,
+    prefix_text: Option<&str>,
+) -> Result<(), String> {
+    let IpAddr::V6(v6) = address else {
+        return Ok(());
+    };
+    let canonical = v6.to_string();
+    if canonical == address_text {
+        return Ok(());
+    }
+    let suggestion = match prefix_text {
+        Some(prefix) => format!("{canonical}/{prefix}"),
+        None => canonical,
+    };
+    Err(format!(
+        "IPv6 address is not in canonical form (RFC 5952: lowercase, no leading zeros, :: for the longest run of zero groups); did you mean {suggestion}?"
+    ))
 }
 
 fn parse_address(text: &str) -> Result<IpAddr, String> {
@@ -99,6 +124,11 @@ mod tests {
             ("::/0", "::/0"),
             ("10.0.0.0/8", "10.0.0.0/8"),
             ("0.0.0.0", "0.0.0.0/32"),
+            ("::1", "::1/128"),
+            ("2001:db8:0:1:1:1:1:1", "2001:db8:0:1:1:1:1:1/128"),
+            ("2001:db8:0:0:1::", "2001:db8:0:0:1::/128"),
+            ("2001:db8::1:0:0:1", "2001:db8::1:0:0:1/128"),
+            ("fe80::/10", "fe80::/10"),
         ] {
             assert_eq!(parse_network(text).unwrap().to_string(), expected, "{text}");
         }
@@ -124,6 +154,18 @@ mod tests {
             ("example", "invalid IP address"),
             ("", "invalid IP address"),
             ("2001:db8::1/64", "did you mean 2001:db8::/64?"),
+            ("2001:0db8::1", "did you mean 2001:db8::1?"),
+            ("2001:DB8::1", "did you mean 2001:db8::1?"),
+            ("2001:db8:0:0:0:0:0:1", "did you mean 2001:db8::1?"),
+            ("2001:db8::0:1", "did you mean 2001:db8::1?"),
+            ("2001:db8:0:0:1:0:0:0", "did you mean 2001:db8:0:0:1::?"),
+            ("2001:db8::1:0:0:0", "did you mean 2001:db8:0:0:1::?"),
+            ("2001:db8:0:0:1::1", "did you mean 2001:db8::1:0:0:1?"),
+            ("2001:db8:0::/48", "did you mean 2001:db8::/48?"),
+            ("2001:DB8:7::/48", "did you mean 2001:db8:7::/48?"),
+            ("0:0:0:0:0:0:0:0/0", "did you mean ::/0?"),
+            ("::0001", "did you mean ::1?"),
+            ("2001:DB8::1/64", "did you mean 2001:db8::/64?"),
         ] {
             let error = parse_network(text).unwrap_err();
             assert!(error.contains(hint), "{text:?}: {error}");

@@ -257,7 +257,7 @@ fn parse_document(text: &str, report: &mut Report<'_>) -> Result<file::FileConfi
                 campaign.as_deref(),
                 field,
                 None,
-                plain_type_names(message),
+                type_error_message(text, &span, message),
             );
         }
         match remove_value(root.get_mut(), &span) {
@@ -377,6 +377,23 @@ fn remove_unknown_keys(
     }
     for key in unknown {
         table.remove(&key);
+    }
+}
+
+/// Returns the message for a value of the wrong type. toml deserializes an unquoted
+/// date-time as a table, so serde's own message would name a map instead.
+fn type_error_message(text: &str, span: &std::ops::Range<usize>, message: &str) -> String {
+    let value = text.get(span.clone()).unwrap_or_default().trim();
+    let expected = message.strip_prefix("invalid type: map, ");
+    match expected {
+        Some(expected) if value.parse::<toml::value::Datetime>().is_ok() => {
+            let hint = match expected {
+                "expected a string" => format!("; write it as a quoted string such as \"{value}\""),
+                _ => String::new(),
+            };
+            plain_type_names(&format!("invalid type: TOML date-time, {expected}{hint}"))
+        }
+        _ => plain_type_names(message),
     }
 }
 

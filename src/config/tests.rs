@@ -321,18 +321,49 @@ fn wrong_type_reports_its_line() {
 }
 
 #[test]
-fn trusted_proxies_reject_every_address() {
-    let text = VALID.replacen(
-        "[routes]",
-        "[client_ip]\ntrusted_proxies = [\"10.0.0.0/8\", \"::/0\"]\n\n[routes]",
-        1,
+fn unquoted_datetime_suggests_quotes() {
+    let found = errors_after(
+        "expires_at = \"2027-06-30T00:00:00Z\"",
+        "expires_at = 2027-06-30T00:00:00Z",
     );
-    let found = errors(&text);
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0].line, 21);
+    assert_eq!(found[0].field, "campaigns[0].keys[0].expires_at");
+    let message = &found[0].message;
+    assert!(message.contains("TOML date-time"), "{message}");
+    assert!(
+        message.contains("write it as a quoted string such as \"2027-06-30T00:00:00Z\""),
+        "{message}"
+    );
+    assert!(!message.contains("map"), "{message}");
+}
+
+/// Returns the errors of the valid file with `[client_ip] trusted_proxies = entries`.
+fn trusted_proxies_errors(entries: &str) -> Vec<ConfigError> {
+    let section = format!("[client_ip]\ntrusted_proxies = {entries}\n\n[routes]");
+    errors(&VALID.replacen("[routes]", &section, 1))
+}
+
+#[test]
+fn trusted_proxies_reject_every_address() {
+    let found = trusted_proxies_errors(r#"["10.0.0.0/8", "::/0"]"#);
     assert_eq!(found.len(), 1, "{found:?}");
     assert_eq!(found[0].field, "client_ip.trusted_proxies[1]");
     assert!(found[0]
         .message
         .contains("any client choose its own address"));
+}
+
+#[test]
+fn trusted_proxies_reject_non_canonical_ipv6() {
+    let found = trusted_proxies_errors(r#"["2001:DB8:a::/48"]"#);
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0].field, "client_ip.trusted_proxies[0]");
+    assert!(
+        found[0].message.contains("did you mean 2001:db8:a::/48?"),
+        "{}",
+        found[0]
+    );
 }
 
 #[test]

@@ -167,8 +167,9 @@ impl ProxyHttp for Keygate {
 
         session.set_keepalive(Some(self.limits.keepalive_timeout.as_secs()));
 
-        // Size limits come first, and only an allowed request takes from the budget.
-        let outcome = match (self.check_size(session), decision) {
+        // Size limits and the fragment check come first, and only an allowed request
+        // takes from the budget.
+        let outcome = match (self.check_header(session), decision) {
             (Some(denial), _) | (None, Decision::Deny(denial)) => Err((denial, None)),
             (None, Decision::Allow(grant)) => match self.check_rate_limit(&table, grant) {
                 Ok(()) => Ok(grant),
@@ -477,10 +478,15 @@ impl Keygate {
         }
     }
 
-    /// Returns the denial for a request whose header or declared body is over the limits.
-    fn check_size(&self, session: &Session) -> Option<Denial> {
-        if session.as_downstream().to_h1_raw().len() > self.limits.max_header_bytes {
+    /// Returns the denial for a request whose header or declared body is over the limits,
+    /// or whose target contains a fragment.
+    fn check_header(&self, session: &Session) -> Option<Denial> {
+        let raw_header = session.as_downstream().to_h1_raw();
+        if raw_header.len() > self.limits.max_header_bytes {
             return Some(Denial::HeaderTooLarge);
+        }
+        if target_has_fragment(&raw_header) {
+            return Some(Denial::InvalidPath);
         }
         let length = session
             .req_header()
@@ -544,6 +550,18 @@ fn failure_reply(error: &Error) -> Option<ErrorReply> {
 fn path_of(request: &RequestHeader) -> &[u8] {
     let target = request.raw_path();
     target.split(|&b| b == b'?').next().unwrap_or_default()
+}
+
+/// Returns whether the request target in the raw request line contains `#`. RFC 9112
+/// allows no fragment in a request target, and Pingora 0.9.1 drops one silently when it
+/// parses the target, so the forwarded path would differ from the one the client sent.
+fn target_has_fragment(raw_header: &[u8]) -> bool {
+    let line_end = raw_header
+        .iter()
+        .position(|&byte| byte == b'\n')
+        .unwrap_or(raw_header.len());
+    let mut parts = raw_header[..line_end].split(|&byte| byte == b' ');
+    parts.nth(1).is_some_and(|target| target.contains(&b'#'))
 }
 
 /// Returns the error response for a request header that was not received in time.

@@ -49,8 +49,8 @@ pub struct Grant {
 /// The reason a request was denied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Denial {
-    /// The path is ambiguous: encoded separators, dot or empty segments, `;`, control
-    /// characters or broken percent-encoding.
+    /// The path is ambiguous: encoded separators, dot or empty segments, `;`, a fragment
+    /// (`#`), control characters or broken percent-encoding.
     InvalidPath,
     /// The path is under no campaign route.
     NoRoute,
@@ -123,7 +123,7 @@ impl Denial {
     pub fn message(self) -> &'static str {
         match self {
             Denial::InvalidPath => {
-                "The request path is invalid: it contains an encoded slash or backslash, a dot or empty segment, a semicolon, a control character or broken percent-encoding."
+                "The request path is invalid: it contains an encoded slash or backslash, a dot or empty segment, a semicolon, a fragment (#), a control character or broken percent-encoding."
             }
             Denial::NoRoute => "No API route matches the request path.",
             Denial::UnknownCaller => "The client IP address is not allowed to use this API.",

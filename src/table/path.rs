@@ -28,7 +28,7 @@ impl Route {
         }
         let plain = prefix == "/" || check_path(&prefix.as_bytes()[..prefix.len() - 1]).is_ok();
         if !plain || prefix.contains('%') {
-            return Err("the prefix must be a plain path: no empty or dot segments, %, ; or \\");
+            return Err("the prefix must be a plain path: no empty or dot segments, %, ;, # or \\");
         }
         Ok(Self {
             prefix: prefix.into(),
@@ -66,7 +66,7 @@ pub enum PathError {
 /// Checks the path part of a request target (everything before `?`).
 ///
 /// The check rejects a target that does not start with `/`, bytes outside visible ASCII,
-/// `;` and `\`, and `%` not followed by two hex digits. It also rejects encoded `/`, `\`
+/// `;`, `\` and `#`, and `%` not followed by two hex digits. It also rejects encoded `/`, `\`
 /// and control characters, empty segments (a trailing `/` too) and `.` or `..` segments,
 /// encoded or not.
 pub fn check_path(path: &[u8]) -> Result<(), PathError> {
@@ -105,7 +105,7 @@ fn check_segment(segment: &[u8]) -> Result<(), PathError> {
                 _ => value,
             }
         } else {
-            if !(0x21..=0x7e).contains(&byte) || byte == b';' || byte == b'\\' {
+            if !(0x21..=0x7e).contains(&byte) || matches!(byte, b';' | b'\\' | b'#') {
                 return Err(PathError::ForbiddenByte);
             }
             index += 1;
@@ -169,6 +169,8 @@ mod tests {
             (b"/a/..", PathError::DotSegment),
             (b"/a/..;/b", PathError::ForbiddenByte),
             (b"/a;x=1/b", PathError::ForbiddenByte),
+            (b"/a/b#c", PathError::ForbiddenByte),
+            (b"/a#/../b", PathError::ForbiddenByte),
             (b"/a//b", PathError::EmptySegment),
             (b"/a/b/", PathError::EmptySegment),
             (b"//a", PathError::EmptySegment),
@@ -210,6 +212,7 @@ mod tests {
             "/api/../{campaign}",
             "/api/%2e/{campaign}",
             "/api;x/{campaign}",
+            "/api#x/{campaign}",
             "",
         ] {
             assert!(Route::parse(pattern).is_err(), "{pattern}");
