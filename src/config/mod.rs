@@ -235,18 +235,21 @@ fn parse_document(text: &str, report: &mut Report<'_>) -> Result<file::FileConfi
     // so that such values are reported together. Field paths are looked up in the tree as
     // parsed, where no removal has shifted an index.
     let parsed = root.clone();
-    let mut removed: Vec<String> = Vec::new();
+    let mut removed: Vec<Removed> = Vec::new();
     for _ in 0..MAX_TYPE_ERRORS {
         let error = match file::FileConfig::deserialize(toml::de::Deserializer::from(root.clone()))
         {
-            Ok(file) => return Ok(file),
+            // Validation names entries by their index, which a removed array entry would
+            // shift, so it runs only when every removal was of a table key.
+            Ok(file) if !removed.iter().any(|removal| removal.from_array) => return Ok(file),
+            Ok(_) => break,
             Err(error) => error,
         };
         let message = error.message().trim_end();
         let span = error.span().unwrap_or(0..0);
         let caused_by_removal = removed
             .iter()
-            .any(|name| message == format!("missing field `{name}`"));
+            .any(|removal| message == format!("missing field `{}`", removal.key));
         // A table that lost a value it must have goes as a whole, without an error of
         // keygate's making.
         if !caused_by_removal {
@@ -261,7 +264,7 @@ fn parse_document(text: &str, report: &mut Report<'_>) -> Result<file::FileConfi
             );
         }
         match remove_value(root.get_mut(), &span) {
-            Some(name) => removed.push(name),
+            Some(removal) => removed.push(removal),
             None => break,
         }
     }
@@ -273,16 +276,23 @@ fn parse_document(text: &str, report: &mut Report<'_>) -> Result<file::FileConfi
 /// deserialization of the whole document.
 const MAX_TYPE_ERRORS: usize = 10;
 
-/// Removes the value at `span` from the table or array where it sits, and returns the key
-/// that held it.
-fn remove_value(table: &mut DeTable<'_>, span: &std::ops::Range<usize>) -> Option<String> {
+/// A value removed from the parsed file.
+struct Removed {
+    /// The key of the table entry that held the value.
+    key: String,
+    /// Whether the value was an entry of an array, so later entries moved down by one.
+    from_array: bool,
+}
+
+/// Removes the value at `span` from the table or array where it sits.
+fn remove_value(table: &mut DeTable<'_>, span: &std::ops::Range<usize>) -> Option<Removed> {
     let mut found = None;
     for (key, item) in table.iter_mut() {
         if item.span() == *span {
             found = Some(key.clone());
             break;
         }
-        let name = || Some(key.get_ref().to_string());
+        let name = key.get_ref().to_string();
         match item.get_mut() {
             DeValue::Table(inner) => {
                 if let Some(name) = remove_value(inner, span) {
@@ -299,7 +309,10 @@ fn remove_value(table: &mut DeTable<'_>, span: &std::ops::Range<usize>) -> Optio
                         .enumerate()
                         .filter_map(|(at, entry)| (at != index).then_some(entry))
                         .collect();
-                    return name();
+                    return Some(Removed {
+                        key: name,
+                        from_array: true,
+                    });
                 }
                 for entry in entries.iter_mut() {
                     if let DeValue::Table(inner) = entry.get_mut() {
@@ -314,7 +327,10 @@ fn remove_value(table: &mut DeTable<'_>, span: &std::ops::Range<usize>) -> Optio
     }
     let key = found?;
     table.remove(&key);
-    Some(key.get_ref().to_string())
+    Some(Removed {
+        key: key.get_ref().to_string(),
+        from_array: false,
+    })
 }
 
 /// Reports and removes every key that the schema does not know, with the campaign it

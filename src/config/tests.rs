@@ -413,7 +413,6 @@ fn wrong_types_reported_with_other_errors() {
             "connect_timeout_ms = \"500\"",
             1,
         )
-        .replacen("\"2001:db8:a::/48\"]", "\"2001:db8:a::/48\", 5]", 1)
         .replacen(
             "id = \"campaign_b\"\n",
             "id = \"campaign_a\"\nallow_any_ip = \"yes\"\n",
@@ -423,7 +422,6 @@ fn wrong_types_reported_with_other_errors() {
     let summary: Vec<(usize, &str)> = found.iter().map(|e| (e.line, e.field.as_str())).collect();
     let expected = vec![
         (9, "upstream.connect_timeout_ms"),
-        (16, "campaigns[0].allowed_ips[2]"),
         (24, "campaigns[1].id"),
         (25, "campaigns[1].allow_any_ip"),
     ];
@@ -434,9 +432,14 @@ fn wrong_types_reported_with_other_errors() {
         found[0]
     );
     assert!(
-        found[3].message.contains("expected a boolean"),
+        found[1].message.contains("duplicate campaign id"),
         "{}",
-        found[3]
+        found[1]
+    );
+    assert!(
+        found[2].message.contains("expected a boolean"),
+        "{}",
+        found[2]
     );
 }
 
@@ -515,4 +518,24 @@ fn admin_port_must_not_overlap_a_proxy_listener() {
         1,
     );
     assert!(parse("test.toml", &elsewhere).is_ok());
+}
+
+#[test]
+fn wrong_type_in_array_keeps_later_indexes() {
+    // An array entry of the wrong type moves the entries after it, so validation, which
+    // names entries by index, does not run, and the duplicate id goes unreported.
+    let text = VALID
+        .replacen("[\"203.0.113.0/24\",", "[5, \"203.0.113.0/24\",", 1)
+        .replacen(
+            "id = \"campaign_b\"\n",
+            "id = \"campaign_a\"\nallow_any_ip = \"yes\"\n",
+            1,
+        );
+    let found = errors(&text);
+    let summary: Vec<(usize, &str)> = found.iter().map(|e| (e.line, e.field.as_str())).collect();
+    let expected = vec![
+        (16, "campaigns[0].allowed_ips[0]"),
+        (25, "campaigns[1].allow_any_ip"),
+    ];
+    assert_eq!(summary, expected, "{found:?}");
 }
