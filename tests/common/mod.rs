@@ -44,7 +44,8 @@ pub fn sha256_hex(key: &str) -> String {
     })
 }
 
-fn sha256(data: &[u8]) -> [u8; 32] {
+/// Returns the SHA-256 of `data`, computed independently of keygate.
+pub fn sha256(data: &[u8]) -> [u8; 32] {
     use sha2::Digest;
     sha2::Sha256::digest(data).into()
 }
