@@ -28,9 +28,9 @@ use crate::metrics::{Metrics, RequestOutcome};
 use crate::proxy::{error_body, AccessLine, Keygate};
 use crate::table::Table;
 
-/// The longest PROXY protocol header: v2's 16-byte preamble and its longest address block
-/// that keygate reads (two IPv6 addresses and ports), or v1's 107 bytes.
-const MAX_PROXY_HEADER: usize = 232;
+/// The longest PROXY protocol header: v2's 16-byte preamble and the 65,535 bytes of
+/// addresses and TLVs that its length field can announce. A v1 header has at most 107.
+const MAX_PROXY_HEADER: usize = 16 + u16::MAX as usize;
 const PROXY_V2_SIGNATURE: &[u8; 12] = b"\r\n\r\n\0\r\nQUIT\n";
 
 /// Settings of the front end.
@@ -221,6 +221,8 @@ impl Frontend {
             );
             return None;
         }
+        // A v2 header with TLVs can be up to 65,551 bytes, and it may take many reads to
+        // arrive before the deadline. It does not count toward `max_header_bytes`.
         let deadline = connected + self.limits.header_timeout;
         let parsed = loop {
             match parse_proxy_header(buffer) {
@@ -355,7 +357,7 @@ fn parse_v2(buffer: &[u8]) -> ProxyHeader {
     let family = buffer[13];
     let length = usize::from(u16::from_be_bytes([buffer[14], buffer[15]]));
     let total = 16 + length;
-    if version_command >> 4 != 2 || total > MAX_PROXY_HEADER + 512 {
+    if version_command >> 4 != 2 {
         return ProxyHeader::Invalid;
     }
     if buffer.len() < total {
@@ -460,6 +462,48 @@ mod tests {
         let mut wrong_version = v2(0x1, 0x11, &ipv4);
         wrong_version[12] = 0x11;
         assert_eq!(parse_proxy_header(&wrong_version), ProxyHeader::Invalid);
+    }
+
+    #[test]
+    fn v2_header_with_tlvs_completes_at_its_length() {
+        let mut addresses = vec![203, 0, 113, 10, 192, 0, 2, 1];
+        addresses.extend_from_slice(&56324u16.to_be_bytes());
+        addresses.extend_from_slice(&443u16.to_be_bytes());
+        // A NOOP TLV (type 0x04) fills the header to 800 bytes.
+        let padding = 800 - 16 - addresses.len() - 3;
+        addresses.push(0x04);
+        addresses.extend_from_slice(&(padding as u16).to_be_bytes());
+        addresses.resize(addresses.len() + padding, 0);
+        let header = v2(0x1, 0x11, &addresses);
+        assert_eq!(header.len(), 800);
+        for end in 0..header.len() {
+            assert_eq!(
+                parse_proxy_header(&header[..end]),
+                ProxyHeader::Incomplete,
+                "{end} bytes"
+            );
+        }
+        assert_eq!(
+            parse_proxy_header(&header),
+            ProxyHeader::Source("203.0.113.10:56324".parse().unwrap(), 800)
+        );
+    }
+
+    #[test]
+    fn v2_header_of_maximum_length() {
+        let mut addresses = vec![0u8; usize::from(u16::MAX)];
+        addresses[0..4].copy_from_slice(&[203, 0, 113, 10]);
+        addresses[8..10].copy_from_slice(&56324u16.to_be_bytes());
+        let header = v2(0x1, 0x11, &addresses);
+        assert_eq!(header.len(), MAX_PROXY_HEADER);
+        assert_eq!(
+            parse_proxy_header(&header[..MAX_PROXY_HEADER - 1]),
+            ProxyHeader::Incomplete
+        );
+        assert_eq!(
+            parse_proxy_header(&header),
+            ProxyHeader::Source("203.0.113.10:56324".parse().unwrap(), MAX_PROXY_HEADER)
+        );
     }
 
     #[test]

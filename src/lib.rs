@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod ca_file;
 pub mod config;
 pub mod frontend;
 pub mod lifecycle;

@@ -17,6 +17,7 @@ use pingora::server::RunArgs;
 use pingora::services::listening::Service;
 
 use keygate::admin::Admin;
+use keygate::ca_file::CaFileError;
 use keygate::config::{self, LoadError, Upstream};
 use keygate::frontend::{Frontend, FrontendLimits};
 use keygate::lifecycle::{Lifecycle, ListenerCheck, ShutdownSequence};
@@ -104,11 +105,8 @@ enum AppError {
         address: SocketAddr,
         source: std::io::Error,
     },
-    #[error("failed to read upstream.ca_file {}: {source}", path.display())]
-    CaFile {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    #[error("{0}")]
+    CaFile(#[from] CaFileError),
     #[error("the environment variable {name} named by upstream.authorization_env is missing, empty or not a valid header value; set it before starting keygate")]
     AuthorizationEnv { name: String },
     #[error("failed to read the key from stdin: {0}")]
@@ -122,7 +120,7 @@ enum AppError {
 impl AppError {
     fn exit_code(&self) -> u8 {
         match self {
-            AppError::Config(_) | AppError::CaFile { .. } | AppError::AuthorizationEnv { .. } => {
+            AppError::Config(_) | AppError::CaFile(_) | AppError::AuthorizationEnv { .. } => {
                 EXIT_BAD_CONFIG
             }
             AppError::ReadKey(_) | AppError::InvalidKey(_) => EXIT_BAD_INPUT,
@@ -315,10 +313,7 @@ fn upstream_peer(upstream: &Upstream) -> Result<UpstreamPeer, AppError> {
             reason,
         })?;
     if let Some(path) = &upstream.ca_file {
-        std::fs::metadata(path).map_err(|source| AppError::CaFile {
-            path: path.clone(),
-            source,
-        })?;
+        keygate::ca_file::check(path)?;
     }
     let authorization = match &upstream.authorization_env {
         None => None,

@@ -51,13 +51,34 @@ fn authorized_post() -> Vec<u8> {
 }
 
 fn v2_header(source: [u8; 4], source_port: u16) -> Vec<u8> {
+    v2_header_with_tlvs(source, source_port, &[])
+}
+
+/// Builds a v2 PROXY header for a TCP over IPv4 connection, with `tlvs` after the addresses.
+fn v2_header_with_tlvs(source: [u8; 4], source_port: u16, tlvs: &[u8]) -> Vec<u8> {
     let mut header = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
-    header.extend_from_slice(&[0x21, 0x11, 0, 12]);
+    header.extend_from_slice(&[0x21, 0x11]);
+    header.extend_from_slice(&(12 + tlvs.len() as u16).to_be_bytes());
     header.extend_from_slice(&source);
     header.extend_from_slice(&[127, 0, 0, 1]);
     header.extend_from_slice(&source_port.to_be_bytes());
     header.extend_from_slice(&8080u16.to_be_bytes());
+    header.extend_from_slice(tlvs);
     header
+}
+
+/// Returns TLVs of `length` bytes as a load balancer sends them: an AWS VPC endpoint id
+/// (type 0xEA) and a NOOP (type 0x04) that fills the rest.
+fn tlvs_of_length(length: usize) -> Vec<u8> {
+    let endpoint = b"\x01vpce-08d2bf15fac5001c9";
+    let mut tlvs = vec![0xEA];
+    tlvs.extend_from_slice(&(endpoint.len() as u16).to_be_bytes());
+    tlvs.extend_from_slice(endpoint);
+    let padding = length - tlvs.len() - 3;
+    tlvs.push(0x04);
+    tlvs.extend_from_slice(&(padding as u16).to_be_bytes());
+    tlvs.resize(length, 0);
+    tlvs
 }
 
 /// Sends the start of a request header, one byte every 200 ms for 0.8 s. No single read
@@ -121,6 +142,26 @@ fn proxy_v2_header_names_the_client() {
         fronted.upstream.received()[0].header("x-forwarded-for"),
         Some(CLIENT_A)
     );
+}
+
+#[test]
+fn proxy_v2_header_with_tlvs_in_pieces() {
+    let fronted = start();
+    let header = v2_header_with_tlvs([127, 0, 0, 10], 50003, &tlvs_of_length(800 - 28));
+    assert_eq!(header.len(), 800);
+    let mut stream = client::connect(PROXY, fronted.proxied);
+    // Without Nagle's algorithm each write leaves as its own segment, so keygate can read
+    // the header in several parts. The kernel may still merge some of them.
+    stream.set_nodelay(true).unwrap();
+    for piece in header.chunks(100) {
+        stream.write_all(piece).unwrap();
+    }
+    let response = send_raw(&mut stream, &authorized_post()).unwrap();
+    assert_eq!(response.status, 201);
+    let received = fronted.upstream.received();
+    assert_eq!(received.len(), 1);
+    assert_eq!(received[0].header_values("x-forwarded-for"), vec![CLIENT_A]);
+    assert_eq!(received[0].body, BODY);
 }
 
 #[test]

@@ -149,6 +149,24 @@ fn body_over_limit_gets_413() {
     assert_eq!(upstream.received().last().unwrap().body, fits);
 }
 
+/// The default `max_body_bytes` of 50 MiB leaves room for the 40 MB uploads that the
+/// service takes on its batch endpoint.
+#[test]
+fn default_body_limit_passes_40_mb() {
+    let setup = Setup::start();
+    // Each byte is a multiplicative hash of its position, so a lost, repeated or moved
+    // block of the body changes the digest.
+    let body: Vec<u8> = (0..40_000_000u32)
+        .map(|position| (position.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
+    let response = setup.send(CLIENT_A, "POST", MESSAGES_A, Some(KEY_A), &body);
+    assert_eq!(response.status, 201, "{}", setup.keygate.output());
+    let received = setup.upstream.received();
+    assert_eq!(received.len(), 1);
+    assert_eq!(received[0].body.len(), 40_000_000);
+    assert_eq!(sha256(&received[0].body), sha256(&body));
+}
+
 #[test]
 fn header_over_limit_gets_431() {
     let (upstream, keygate) = start("[limits]\nmax_header_bytes = 2048");

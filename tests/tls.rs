@@ -5,10 +5,12 @@
 mod common;
 
 use std::io::{BufRead, BufReader};
-use std::path::Path;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
 use common::*;
+use tempfile::TempDir;
 
 const BODY: &[u8] = br#"{"recipient":"+15550100"}"#;
 
@@ -162,9 +164,10 @@ impl Drop for HttpsUpstream {
     }
 }
 
-/// Starts keygate in front of the HTTPS upstream, with `upstream_lines` added to its
-/// `[upstream]` table and `SSL_CERT_FILE` set to `roots` if given.
-fn start_keygate(upstream_port: u16, upstream_lines: &str, roots: Option<&Path>) -> Keygate {
+/// Writes a configuration for an HTTPS upstream at `localhost:{upstream_port}`, with
+/// `upstream_lines` added to its `[upstream]` table. Returns the directory, the path of
+/// the file and the proxy listener's address.
+fn write_tls_config(upstream_port: u16, upstream_lines: &str) -> (TempDir, PathBuf, SocketAddr) {
     let listen = free_address("127.0.0.1");
     let config = test_config(&[listen], "127.0.0.1:1".parse().unwrap()).replacen(
         "address = \"127.0.0.1:1\"",
@@ -174,6 +177,13 @@ fn start_keygate(upstream_port: u16, upstream_lines: &str, roots: Option<&Path>)
     let dir = tempfile::tempdir().unwrap();
     let config_path = dir.path().join("keygate.toml");
     std::fs::write(&config_path, config).unwrap();
+    (dir, config_path, listen)
+}
+
+/// Starts keygate in front of the HTTPS upstream, with `upstream_lines` added to its
+/// `[upstream]` table and `SSL_CERT_FILE` set to `roots` if given.
+fn start_keygate(upstream_port: u16, upstream_lines: &str, roots: Option<&Path>) -> Keygate {
+    let (dir, config_path, listen) = write_tls_config(upstream_port, upstream_lines);
     let env: Vec<(&str, &std::ffi::OsStr)> = roots
         .map(|path| ("SSL_CERT_FILE", path.as_os_str()))
         .into_iter()
@@ -271,4 +281,46 @@ fn insecure_skip_verify_accepts_any_certificate_loudly() {
         output.contains("upstream TLS certificates are NOT verified"),
         "{output}"
     );
+}
+
+/// A CA file that Pingora 0.9.1 would panic on, or load as an empty trust store, must stop
+/// `keygate run` with exit code 64. The error line names the file and the problem.
+#[test]
+fn invalid_ca_file_stops_start() {
+    let certificates = tempfile::tempdir().unwrap();
+    make_ca(certificates.path(), "ca");
+    let dir = certificates.path();
+    let valid = std::fs::read(dir.join("ca.pem")).unwrap();
+    std::fs::write(dir.join("garbage.pem"), "this is not a certificate\n").unwrap();
+    std::fs::write(dir.join("empty.pem"), "").unwrap();
+    std::fs::write(dir.join("truncated.pem"), &valid[..valid.len() / 2]).unwrap();
+    let cases = [
+        (dir.join("garbage.pem"), "it contains no PEM certificate"),
+        (dir.join("empty.pem"), "it contains no PEM certificate"),
+        (
+            dir.join("truncated.pem"),
+            "PEM section 1 cannot be read: section end \"CERTIFICATE\" missing",
+        ),
+        (dir.join("ca.key"), "PEM section 1 is a private key"),
+        (dir.to_path_buf(), "Is a directory"),
+    ];
+    for (path, problem) in cases {
+        let name = path.display();
+        let lines = format!("ca_file = \"{}\"", path.display());
+        let (config_dir, config_path, listen) = write_tls_config(1, &lines);
+        let mut keygate = Keygate::spawn_with_env(config_dir, config_path, listen, &[]);
+        let code = keygate.wait_for_exit();
+        let output = keygate.output();
+        assert_eq!(code, Some(64), "{name}: {output}");
+        let error = output
+            .lines()
+            .find(|line| line.contains("upstream.ca_file"))
+            .unwrap_or_else(|| panic!("{name}: no error line in {output}"));
+        assert!(
+            error.contains(&format!("upstream.ca_file {}: ", path.display())),
+            "{name}: {error}"
+        );
+        assert!(error.contains(problem), "{name}: {error}");
+        assert!(!output.contains("panicked"), "{name}: {output}");
+    }
 }

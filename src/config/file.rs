@@ -41,8 +41,7 @@ pub struct UpstreamSection {
     pub connect_timeout_ms: Option<Spanned<i64>>,
     pub read_timeout_ms: Option<Spanned<i64>>,
     pub ca_file: Option<Spanned<String>>,
-    #[serde(default)]
-    pub insecure_skip_verify: bool,
+    pub insecure_skip_verify: Option<Spanned<bool>>,
     pub authorization_env: Option<Spanned<String>>,
     pub dns_refresh_seconds: Option<Spanned<i64>>,
 }

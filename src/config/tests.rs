@@ -183,6 +183,179 @@ fn invalid_values_report_line_and_field() {
     }
 }
 
+/// Each case adds lines next to `anchor` in the valid file: before `[routes]`, after any
+/// other anchor. The one error must name the line and the field, and the campaign for a
+/// campaign's field.
+#[test]
+fn added_values_report_line_and_field() {
+    const UPSTREAM: &str = "connect_timeout_ms = 500";
+    const ROUTES: &str = "[routes]";
+    const CAMPAIGN_B: &str = "allowed_ips = [\"198.51.100.7\"]";
+    /// The anchor, the added lines, then the line, field, campaign and message expected.
+    type Case = (
+        &'static str,
+        &'static str,
+        usize,
+        &'static str,
+        Option<&'static str>,
+        &'static str,
+    );
+    let cases: &[Case] = &[
+        (
+            ROUTES,
+            "[limits]\nmax_header_bytes = 100\n",
+            12,
+            "limits.max_header_bytes",
+            None,
+            "between 1024 and 1048575",
+        ),
+        (
+            ROUTES,
+            "[limits]\nheader_timeout_seconds = 0\n",
+            12,
+            "limits.header_timeout_seconds",
+            None,
+            "between 1 and 86400 seconds",
+        ),
+        (
+            ROUTES,
+            "[limits]\nmax_body_bytes = -1\n",
+            12,
+            "limits.max_body_bytes",
+            None,
+            "between 0 and",
+        ),
+        (
+            ROUTES,
+            "[limits]\nkeepalive_timeout_seconds = 86401\n",
+            12,
+            "limits.keepalive_timeout_seconds",
+            None,
+            "between 1 and 86400 seconds",
+        ),
+        (
+            ROUTES,
+            "[limits]\ndrain_max_bytes = -1\n",
+            12,
+            "limits.drain_max_bytes",
+            None,
+            "between 0 and",
+        ),
+        (
+            ROUTES,
+            "[rate_limit]\nrequests = 0\nper_seconds = 60\n",
+            12,
+            "rate_limit.requests",
+            None,
+            "between 1 and 1000000",
+        ),
+        (
+            CAMPAIGN_B,
+            "rate_limit = { requests = 10, per_seconds = 0 }",
+            26,
+            "campaigns[1].rate_limit.per_seconds",
+            Some("campaign_b"),
+            "between 1 and 86400 seconds",
+        ),
+        (
+            CAMPAIGN_B,
+            "rate_limit = { requests = 1000001, per_seconds = 60 }",
+            26,
+            "campaigns[1].rate_limit.requests",
+            Some("campaign_b"),
+            "between 1 and 1000000",
+        ),
+        (
+            UPSTREAM,
+            "sni = \"api .internal\"",
+            10,
+            "upstream.sni",
+            None,
+            "without whitespace",
+        ),
+        (
+            UPSTREAM,
+            "authorization_env = \"API-TOKEN\"",
+            10,
+            "upstream.authorization_env",
+            None,
+            "name of an environment variable",
+        ),
+        (
+            UPSTREAM,
+            "dns_refresh_seconds = 0",
+            10,
+            "upstream.dns_refresh_seconds",
+            None,
+            "between 1 and 86400 seconds",
+        ),
+        (
+            UPSTREAM,
+            "ca_file = \"ca.pem\"",
+            10,
+            "upstream.ca_file",
+            None,
+            "set tls = true",
+        ),
+        (
+            UPSTREAM,
+            "tls = true\nca_file = \"\"",
+            11,
+            "upstream.ca_file",
+            None,
+            "path of a PEM file",
+        ),
+        (
+            UPSTREAM,
+            "insecure_skip_verify = true",
+            10,
+            "upstream.insecure_skip_verify",
+            None,
+            "set tls = true",
+        ),
+    ];
+    for (anchor, added, line, field, campaign, message) in cases {
+        let with_lines = if *anchor == ROUTES {
+            format!("{added}\n{anchor}")
+        } else {
+            format!("{anchor}\n{added}")
+        };
+        let found = errors_after(anchor, &with_lines);
+        assert_eq!(found.len(), 1, "{added}: {found:?}");
+        let error = &found[0];
+        assert_eq!(error.file, "test.toml", "{error}");
+        assert_eq!(error.line, *line, "{error}");
+        assert_eq!(error.field, *field, "{error}");
+        assert_eq!(error.campaign.as_deref(), *campaign, "{error}");
+        assert!(error.message.contains(message), "{error}");
+    }
+}
+
+#[test]
+fn https_options_without_tls_report_their_own_lines() {
+    let found = errors_after(
+        "connect_timeout_ms = 500",
+        "connect_timeout_ms = 500\nca_file = \"ca.pem\"\ninsecure_skip_verify = true",
+    );
+    let summary: Vec<(usize, &str)> = found.iter().map(|e| (e.line, e.field.as_str())).collect();
+    assert_eq!(
+        summary,
+        vec![
+            (10, "upstream.ca_file"),
+            (11, "upstream.insecure_skip_verify")
+        ],
+        "{found:?}"
+    );
+
+    let allowed = VALID.replacen(
+        "connect_timeout_ms = 500",
+        "connect_timeout_ms = 500\ninsecure_skip_verify = false",
+        1,
+    );
+    let config = parse("test.toml", &allowed).unwrap();
+    assert!(!config.settings.upstream.insecure_skip_verify);
+}
+
 #[test]
 fn errors_name_the_campaign_and_value() {
     let found = errors_after("\"203.0.113.0/24\"", "\"203.0.113.7/33\"");

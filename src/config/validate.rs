@@ -234,7 +234,10 @@ fn upstream(section: &Spanned<UpstreamSection>, report: &mut Report<'_>) -> Opti
         connect_timeout: connect_timeout?,
         read_timeout: read_timeout?,
         ca_file: section.ca_file.as_ref().map(|p| p.get_ref().into()),
-        insecure_skip_verify: section.insecure_skip_verify,
+        insecure_skip_verify: section
+            .insecure_skip_verify
+            .as_ref()
+            .is_some_and(|flag| *flag.get_ref()),
         authorization_env: section
             .authorization_env
             .as_ref()
@@ -273,14 +276,26 @@ fn check_names(section: &UpstreamSection, report: &mut Report<'_>) {
             );
         }
     }
-    if !section.tls && (section.ca_file.is_some() || section.insecure_skip_verify) {
-        let span = section.ca_file.as_ref().map_or(0..0, |path| path.span());
+    if let (false, Some(path)) = (section.tls, &section.ca_file) {
         report.error(
-            span,
+            path.span(),
             None,
-            "upstream.tls",
+            "upstream.ca_file",
+            Some(path.get_ref()),
+            "applies only to HTTPS; set tls = true or remove it",
+        );
+    }
+    let skip_flag = section
+        .insecure_skip_verify
+        .as_ref()
+        .filter(|flag| *flag.get_ref());
+    if let (false, Some(flag)) = (section.tls, skip_flag) {
+        report.error(
+            flag.span(),
             None,
-            "ca_file and insecure_skip_verify apply only to HTTPS; set tls = true or remove them",
+            "upstream.insecure_skip_verify",
+            Some("true"),
+            "applies only to HTTPS; set tls = true or remove it",
         );
     }
     if let Some(path) = &section.ca_file {

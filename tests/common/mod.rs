@@ -44,7 +44,8 @@ pub fn sha256_hex(key: &str) -> String {
     })
 }
 
-fn sha256(data: &[u8]) -> [u8; 32] {
+/// Returns the SHA-256 of `data`, computed independently of keygate.
+pub fn sha256(data: &[u8]) -> [u8; 32] {
     use sha2::Digest;
     sha2::Sha256::digest(data).into()
 }
@@ -200,6 +201,19 @@ impl Keygate {
         address: SocketAddr,
         env: &[(&str, &std::ffi::OsStr)],
     ) -> Self {
+        let mut keygate = Self::spawn_with_env(dir, config_path, address, env);
+        keygate.wait_until_listening();
+        keygate
+    }
+
+    /// Starts keygate with extra environment variables and returns without waiting for
+    /// `address`, for tests of a start that must fail.
+    pub fn spawn_with_env(
+        dir: tempfile::TempDir,
+        config_path: PathBuf,
+        address: SocketAddr,
+        env: &[(&str, &std::ffi::OsStr)],
+    ) -> Self {
         let stdout = std::fs::File::create(dir.path().join("stdout.log")).unwrap();
         let stderr = std::fs::File::create(dir.path().join("stderr.log")).unwrap();
         // A relative config path is taken relative to the temporary directory.
@@ -214,14 +228,12 @@ impl Keygate {
             .stderr(stderr)
             .spawn()
             .unwrap();
-        let mut keygate = Self {
+        Self {
             child,
             dir,
             config_path,
             address,
-        };
-        keygate.wait_until_listening();
-        keygate
+        }
     }
 
     fn wait_until_listening(&mut self) {
