@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::time::Instant;
 
 use common::*;
@@ -123,20 +123,38 @@ fn body_over_limit_gets_413() {
     assert_eq!(response.error_code(), "payload_too_large");
     assert_eq!(upstream.count(), 0);
 
-    // A chunked body has no declared length, so it is counted as it arrives.
-    let mut chunked = format!(
+    // A chunked body has no declared length, so it is counted as it arrives. Its first
+    // chunk arrives alone, while it is still under the limit, and keygate holds it back
+    // until the whole body is in, so none of it reaches the upstream.
+    let mut stream = client::connect(CLIENT_A, keygate.address);
+    let head = format!(
         "POST {MESSAGES_A} HTTP/1.1\r\nHost: keygate.test\r\nAuthorization: {auth}\r\nTransfer-Encoding: chunked\r\n\r\n"
-    )
-    .into_bytes();
-    for _ in 0..4 {
-        chunked.extend_from_slice(b"200\r\n");
-        chunked.extend_from_slice(&[b'y'; 512]);
-        chunked.extend_from_slice(b"\r\n");
-    }
-    chunked.extend_from_slice(b"0\r\n\r\n");
-    let response = send(CLIENT_A, keygate.address, &chunked);
+    );
+    let chunk = [b"200\r\n".as_slice(), &[b'y'; 512], b"\r\n"].concat();
+    stream
+        .write_all(&[head.as_bytes(), &chunk].concat())
+        .unwrap();
+    let header_arrived = || {
+        let wire = upstream.wire_bytes();
+        wire.windows(MESSAGES_A.len())
+            .any(|w| w == MESSAGES_A.as_bytes())
+    };
+    wait_until(header_arrived, "the request header at the upstream");
+    stream
+        .write_all(&[chunk.repeat(3).as_slice(), b"0\r\n\r\n"].concat())
+        .unwrap();
+    let response = client::read_response(&mut stream).unwrap();
     assert_eq!(response.status, 413);
-    assert!(upstream.received().iter().all(|r| r.body.len() <= 1024));
+    // Once keygate closes that connection, the upstream has read every byte sent on it.
+    wait_until(
+        || upstream.closed_connections() >= 1,
+        "the upstream connection to close",
+    );
+    let wire = upstream.wire_bytes();
+    assert!(
+        !wire.windows(16).any(|w| w == [b'y'; 16]),
+        "body bytes reached the upstream"
+    );
 
     // Exactly the limit passes.
     let fits = vec![b'z'; 1024];
@@ -147,6 +165,20 @@ fn body_over_limit_gets_413() {
     );
     assert_eq!(response.status, 201);
     assert_eq!(upstream.received().last().unwrap().body, fits);
+
+    // A chunked body within the limit reaches the upstream whole, once.
+    let mut stream = client::connect(CLIENT_A, keygate.address);
+    let chunk = |byte: u8| [b"100\r\n".as_slice(), &[byte; 256], b"\r\n"].concat();
+    stream
+        .write_all(&[head.as_bytes(), &chunk(b'p')].concat())
+        .unwrap();
+    stream
+        .write_all(&[chunk(b'q').as_slice(), b"0\r\n\r\n"].concat())
+        .unwrap();
+    assert_eq!(client::read_response(&mut stream).unwrap().status, 201);
+    let received = upstream.received();
+    assert_eq!(received.len(), 2);
+    assert_eq!(received[1].body, [[b'p'; 256], [b'q'; 256]].concat());
 }
 
 /// The default `max_body_bytes` of 50 MiB leaves room for the 40 MB uploads that the

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::*;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
@@ -89,6 +89,9 @@ pub struct RequestContext {
     upstream_status: Option<u16>,
     /// Request body bytes read so far, for the body size limit.
     body_bytes: u64,
+    /// The body received so far of a request without Content-Length, held back from the
+    /// upstream until it is complete and within the limit.
+    held_body: BytesMut,
     /// Failed attempts to connect to the upstream.
     connect_attempts: usize,
     started: Instant,
@@ -110,6 +113,7 @@ impl ProxyHttp for Keygate {
             outcome: Outcome::Pending,
             upstream_status: None,
             body_bytes: 0,
+            held_body: BytesMut::new(),
             connect_attempts: 0,
             started: Instant::now(),
             _in_flight: self.lifecycle.track_request(),
@@ -201,9 +205,9 @@ impl ProxyHttp for Keygate {
 
     async fn request_body_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         body: &mut Option<Bytes>,
-        _end_of_stream: bool,
+        end_of_stream: bool,
         ctx: &mut RequestContext,
     ) -> Result<()> {
         ctx.body_bytes += body.as_ref().map_or(0, |chunk| chunk.len() as u64);
@@ -214,6 +218,23 @@ impl ProxyHttp for Keygate {
                 ErrorType::HTTPStatus(413),
                 "request body over the size limit",
             );
+        }
+        // A body without Content-Length is held back until all of it has arrived, so a
+        // body over the limit never reaches the upstream in part: a backend that acts on
+        // rows as they stream in would act on an upload that is then cut off.
+        if !session
+            .req_header()
+            .headers
+            .contains_key(http::header::CONTENT_LENGTH)
+        {
+            if let Some(chunk) = body.as_mut() {
+                ctx.held_body.extend_from_slice(chunk);
+                // Pingora reads `None` as the end of the body; an empty chunk sends nothing.
+                *chunk = Bytes::new();
+            }
+            if end_of_stream {
+                *body = Some(std::mem::take(&mut ctx.held_body).freeze());
+            }
         }
         Ok(())
     }

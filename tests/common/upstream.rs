@@ -4,6 +4,7 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -35,6 +36,14 @@ impl Recorded {
 pub struct Upstream {
     pub address: SocketAddr,
     received: Arc<Mutex<Vec<Recorded>>>,
+    wire: Arc<Wire>,
+}
+
+/// Every byte that arrived, on any connection, and the connections that ended.
+#[derive(Default)]
+struct Wire {
+    bytes: Mutex<Vec<u8>>,
+    closed: AtomicUsize,
 }
 
 impl Upstream {
@@ -47,14 +56,32 @@ impl Upstream {
         let listener = TcpListener::bind(address).unwrap();
         let address = listener.local_addr().unwrap();
         let received = Arc::new(Mutex::new(Vec::new()));
-        let store = Arc::clone(&received);
+        let wire = Arc::new(Wire::default());
+        let (store, shared_wire) = (Arc::clone(&received), Arc::clone(&wire));
         std::thread::spawn(move || {
             for stream in listener.incoming().flatten() {
-                let store = Arc::clone(&store);
-                std::thread::spawn(move || serve(stream, &store));
+                let (store, wire) = (Arc::clone(&store), Arc::clone(&shared_wire));
+                std::thread::spawn(move || {
+                    serve(stream, &store, &wire);
+                    wire.closed.fetch_add(1, Ordering::SeqCst);
+                });
             }
         });
-        Self { address, received }
+        Self {
+            address,
+            received,
+            wire,
+        }
+    }
+
+    /// Returns every byte received so far, on all connections, in arrival order.
+    pub fn wire_bytes(&self) -> Vec<u8> {
+        self.wire.bytes.lock().unwrap().clone()
+    }
+
+    /// Returns how many connections have ended, after all their bytes were read.
+    pub fn closed_connections(&self) -> usize {
+        self.wire.closed.load(Ordering::SeqCst)
     }
 
     /// Returns a copy of every request received so far.
@@ -67,10 +94,10 @@ impl Upstream {
     }
 }
 
-fn serve(mut stream: TcpStream, store: &Mutex<Vec<Recorded>>) {
+fn serve(mut stream: TcpStream, store: &Mutex<Vec<Recorded>>, wire: &Wire) {
     let mut buffer = Vec::new();
     loop {
-        let Some(request) = read_request(&mut stream, &mut buffer) else {
+        let Some(request) = read_request(&mut stream, &mut buffer, wire) else {
             return;
         };
         let status: u16 = request
@@ -94,8 +121,14 @@ fn serve(mut stream: TcpStream, store: &Mutex<Vec<Recorded>>) {
     }
 }
 
-fn read_request(stream: &mut TcpStream, buffer: &mut Vec<u8>) -> Option<Recorded> {
+fn read_request(stream: &mut TcpStream, buffer: &mut Vec<u8>, wire: &Wire) -> Option<Recorded> {
     let mut chunk = [0u8; 16384];
+    let mut read_more = |buffer: &mut Vec<u8>| {
+        let read = stream.read(&mut chunk).ok().filter(|&read| read > 0)?;
+        buffer.extend_from_slice(&chunk[..read]);
+        wire.bytes.lock().unwrap().extend_from_slice(&chunk[..read]);
+        Some(())
+    };
     loop {
         let mut headers = [httparse::EMPTY_HEADER; 128];
         let mut parsed = httparse::Request::new(&mut headers);
@@ -112,19 +145,24 @@ fn read_request(stream: &mut TcpStream, buffer: &mut Vec<u8>) -> Option<Recorded
                 .collect();
             let method = parsed.method?.to_owned();
             let target = parsed.path?.to_owned();
-            let length: usize = headers
-                .iter()
-                .find(|(n, _)| n.eq_ignore_ascii_case("content-length"))
-                .map_or(0, |(_, v)| v.parse().unwrap_or(0));
-            while buffer.len() < header_len + length {
-                let read = stream.read(&mut chunk).ok()?;
-                if read == 0 {
-                    return None;
+            let chunked = headers.iter().any(|(name, value)| {
+                name.eq_ignore_ascii_case("transfer-encoding")
+                    && value.eq_ignore_ascii_case("chunked")
+            });
+            let body = if chunked {
+                read_chunked(buffer, header_len, &mut read_more)?
+            } else {
+                let length: usize = headers
+                    .iter()
+                    .find(|(n, _)| n.eq_ignore_ascii_case("content-length"))
+                    .map_or(0, |(_, v)| v.parse().unwrap_or(0));
+                while buffer.len() < header_len + length {
+                    read_more(buffer)?;
                 }
-                buffer.extend_from_slice(&chunk[..read]);
-            }
-            let body = buffer[header_len..header_len + length].to_vec();
-            buffer.drain(..header_len + length);
+                let body = buffer[header_len..header_len + length].to_vec();
+                buffer.drain(..header_len + length);
+                body
+            };
             return Some(Recorded {
                 method,
                 target,
@@ -132,10 +170,38 @@ fn read_request(stream: &mut TcpStream, buffer: &mut Vec<u8>) -> Option<Recorded
                 body,
             });
         }
-        let read = stream.read(&mut chunk).ok()?;
-        if read == 0 {
-            return None;
+        read_more(buffer)?;
+    }
+}
+
+/// Reads a chunked body that starts at `start` of `buffer`, removes the request from the
+/// buffer and returns the body decoded. Trailers are not supported.
+fn read_chunked(
+    buffer: &mut Vec<u8>,
+    start: usize,
+    read_more: &mut impl FnMut(&mut Vec<u8>) -> Option<()>,
+) -> Option<Vec<u8>> {
+    let mut body = Vec::new();
+    let mut at = start;
+    loop {
+        let (size_len, size) = loop {
+            match httparse::parse_chunk_size(&buffer[at..]) {
+                Ok(httparse::Status::Complete((size_len, size))) => break (size_len, size),
+                Ok(httparse::Status::Partial) => read_more(buffer)?,
+                Err(_) => return None,
+            }
+        };
+        let size = usize::try_from(size).ok()?;
+        // The chunk's data and its CRLF, or the CRLF that ends the body.
+        let end = at + size_len + size + 2;
+        while buffer.len() < end {
+            read_more(buffer)?;
         }
-        buffer.extend_from_slice(&chunk[..read]);
+        body.extend_from_slice(&buffer[at + size_len..at + size_len + size]);
+        at = end;
+        if size == 0 {
+            buffer.drain(..at);
+            return Some(body);
+        }
     }
 }
