@@ -32,19 +32,6 @@ impl IpSet {
         }
     }
 
-    /// Builds the union of several sets.
-    pub fn union<'a>(sets: impl Iterator<Item = &'a IpSet> + Clone) -> Self {
-        let v4 = sets
-            .clone()
-            .flat_map(|set| set.v4.iter().copied())
-            .collect();
-        let v6 = sets.flat_map(|set| set.v6.iter().copied()).collect();
-        Self {
-            v4: merge(v4).into(),
-            v6: merge(v6).into(),
-        }
-    }
-
     /// Returns whether `ip` lies in one of the networks. An IPv4-mapped IPv6 address is
     /// looked up as IPv6, so normalise it with `IpAddr::to_canonical` before calling.
     pub fn contains(&self, ip: IpAddr) -> bool {
@@ -62,6 +49,77 @@ impl IpSet {
     /// Returns the number of merged ranges, a measure of the set's size.
     pub fn range_count(&self) -> usize {
         self.v4.len() + self.v6.len()
+    }
+}
+
+/// A large set of networks, such as the union of every allowlist of a table. A lookup
+/// first searches every `STRIDE`th range start, few enough to stay in cache, and then the
+/// starts of one stride, so it touches few cache lines.
+#[derive(Debug, Default)]
+pub struct IndexedIpSet {
+    v4: Index<u32>,
+    v6: Index<u128>,
+}
+
+impl IndexedIpSet {
+    /// Builds the union of several sets.
+    pub fn union<'a>(sets: impl Iterator<Item = &'a IpSet> + Clone) -> Self {
+        let v4 = sets.clone().flat_map(|set| set.v4.iter().copied());
+        let v6 = sets.flat_map(|set| set.v6.iter().copied());
+        Self {
+            v4: Index::new(merge(v4.collect())),
+            v6: Index::new(merge(v6.collect())),
+        }
+    }
+
+    /// Returns whether `ip` lies in one of the networks; see `IpSet::contains`.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match ip {
+            IpAddr::V4(ip) => self.v4.contains(u32::from(ip)),
+            IpAddr::V6(ip) => self.v6.contains(u128::from(ip)),
+        }
+    }
+
+    /// Returns the number of merged ranges.
+    pub fn range_count(&self) -> usize {
+        self.v4.starts.len() + self.v6.starts.len()
+    }
+}
+
+/// The number of range starts between two samples of an `Index`: 64 IPv4 starts fill
+/// four cache lines.
+const STRIDE: usize = 64;
+
+/// Sorted, disjoint ranges with their starts and ends apart, and every `STRIDE`th start.
+#[derive(Debug, Default)]
+struct Index<T> {
+    starts: Box<[T]>,
+    ends: Box<[T]>,
+    samples: Box<[T]>,
+}
+
+impl<T: Ord + Copy> Index<T> {
+    fn new(ranges: Vec<(T, T)>) -> Self {
+        let starts: Box<[T]> = ranges.iter().map(|&(start, _)| start).collect();
+        let samples = starts.iter().step_by(STRIDE).copied().collect();
+        Self {
+            samples,
+            ends: ranges.iter().map(|&(_, end)| end).collect(),
+            starts,
+        }
+    }
+
+    fn contains(&self, ip: T) -> bool {
+        // The last sample at or below `ip` starts the only stride that can contain it.
+        let stride = self.samples.partition_point(|&sample| sample <= ip);
+        if stride == 0 {
+            return false;
+        }
+        let first = (stride - 1) * STRIDE;
+        let starts = &self.starts[first..self.starts.len().min(first + STRIDE)];
+        // At least one: the stride's first start is its sample, at or below `ip`.
+        let at_or_below = starts.partition_point(|&start| start <= ip);
+        self.ends[first + at_or_below - 1] >= ip
     }
 }
 
@@ -148,11 +206,29 @@ mod tests {
 
     #[test]
     fn union_merges_sets() {
-        let union =
-            IpSet::union([set(&["192.0.2.0/25"]), set(&["192.0.2.128/25", "::1/128"])].iter());
+        let sets = [set(&["192.0.2.0/25"]), set(&["192.0.2.128/25", "::1/128"])];
+        let union = IndexedIpSet::union(sets.iter());
         assert_eq!(union.range_count(), 2);
         assert!(union.contains(ip("192.0.2.255")));
         assert!(union.contains(ip("::1")));
+        assert!(!union.contains(ip("192.0.3.0")));
+        assert!(!IndexedIpSet::default().contains(ip("192.0.2.1")));
+    }
+
+    #[test]
+    fn indexed_union_agrees_with_a_plain_search() {
+        // Single addresses two apart, so that none merge: several strides of ranges.
+        let networks: Vec<String> = (0..1000u32)
+            .map(|n| format!("{}/32", std::net::Ipv4Addr::from(0x0a00_0000 + n * 2)))
+            .collect();
+        let networks: Vec<&str> = networks.iter().map(String::as_str).collect();
+        let set = set(&networks);
+        let union = IndexedIpSet::union(std::iter::once(&set));
+        assert_eq!(union.range_count(), 1000);
+        for offset in 0..2100u32 {
+            let probe = IpAddr::V4(std::net::Ipv4Addr::from(0x0a00_0000 - 50 + offset));
+            assert_eq!(union.contains(probe), set.contains(probe), "{probe}");
+        }
     }
 
     #[test]

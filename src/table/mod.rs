@@ -15,7 +15,7 @@ use std::sync::Arc;
 pub use client_ip::client_ip;
 pub use decide::{decide, presented_key, Authorization, Decision, Denial, Grant, RequestFacts};
 pub use diff::{NameList, TableDiff};
-pub use ipset::IpSet;
+pub use ipset::{IndexedIpSet, IpSet};
 pub use key::{Environment, KeyHash};
 pub use path::Route;
 
@@ -72,7 +72,7 @@ pub struct Table {
     campaigns: Vec<Campaign>,
     keys: HashMap<KeyHash, KeySlot, BuildDigestHasher>,
     /// Every network of every campaign, for the first allowlist check.
-    callers: IpSet,
+    callers: IndexedIpSet,
     /// Peers whose `X-Forwarded-For` names the client.
     trusted_proxies: IpSet,
 }
@@ -85,7 +85,7 @@ impl Table {
     pub fn new(environment: Environment, routes: Vec<Route>, campaigns: Vec<Campaign>) -> Self {
         // The union of a large table's allowlists is built on a second thread while this
         // one indexes the keys. Both only read the campaigns.
-        let union = || IpSet::union(campaigns.iter().map(|c| &c.networks));
+        let union = || IndexedIpSet::union(campaigns.iter().map(|c| &c.networks));
         let (keys, callers) = std::thread::scope(|scope| {
             let builder = (campaigns.len() >= PARALLEL_BUILD_CAMPAIGNS).then(|| scope.spawn(union));
             let keys = index_keys(&campaigns);
