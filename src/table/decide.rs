@@ -201,13 +201,13 @@ fn find_key(table: &Table, facts: &RequestFacts<'_>) -> Result<KeySlot, Denial> 
     if !token.starts_with(table.environment().key_prefix().as_bytes()) {
         return Err(Denial::InvalidKey);
     }
-    let (slot, key) = table
+    let key = table
         .find_key(&KeyHash::of(token))
         .ok_or(Denial::InvalidKey)?;
-    if key.expires_at.is_some_and(|expiry| facts.now >= expiry) {
+    if facts.now >= key.expires_at {
         return Err(Denial::InvalidKey);
     }
-    Ok(slot)
+    Ok(key.slot)
 }
 
 /// Extracts the token of `Bearer <token>`: the scheme in any letter case, one or more

@@ -63,6 +63,14 @@ pub struct KeySlot {
     pub key: u8,
 }
 
+/// A key in the table's index: its position, and when it expires.
+#[derive(Debug, Clone, Copy)]
+struct KeyEntry {
+    slot: KeySlot,
+    /// Unix time in seconds after which the key is rejected; `i64::MAX` for never.
+    expires_at: i64,
+}
+
 /// The access table: everything a decision needs, and nothing that changes while it is
 /// in use.
 #[derive(Debug)]
@@ -70,7 +78,7 @@ pub struct Table {
     environment: Environment,
     routes: Vec<Route>,
     campaigns: Vec<Campaign>,
-    keys: HashMap<KeyHash, KeySlot, BuildDigestHasher>,
+    keys: HashMap<KeyHash, KeyEntry, BuildDigestHasher>,
     /// Every network of every campaign, for the first allowlist check.
     callers: IndexedIpSet,
     /// Peers whose `X-Forwarded-For` names the client.
@@ -139,10 +147,10 @@ impl Table {
         self.keys.len()
     }
 
-    fn find_key(&self, hash: &KeyHash) -> Option<(KeySlot, &KeyInfo)> {
-        let slot = *self.keys.get(hash)?;
-        let info = &self.campaign(slot.campaign).keys[usize::from(slot.key)];
-        Some((slot, info))
+    /// Finds a key by its digest: its position and its expiry, which the index keeps
+    /// next to the position so that a decision reads no `KeyInfo`.
+    fn find_key(&self, hash: &KeyHash) -> Option<&KeyEntry> {
+        self.keys.get(hash)
     }
 }
 
@@ -178,7 +186,7 @@ impl<'t> SharedCampaigns<'t> {
 const PARALLEL_BUILD_CAMPAIGNS: usize = 10_000;
 
 /// Indexes every key of `campaigns` by its digest.
-fn index_keys(campaigns: &[Campaign]) -> HashMap<KeyHash, KeySlot, BuildDigestHasher> {
+fn index_keys(campaigns: &[Campaign]) -> HashMap<KeyHash, KeyEntry, BuildDigestHasher> {
     let mut keys = HashMap::with_capacity_and_hasher(
         campaigns.iter().map(|c| c.keys.len()).sum(),
         BuildDigestHasher::default(),
@@ -190,7 +198,11 @@ fn index_keys(campaigns: &[Campaign]) -> HashMap<KeyHash, KeySlot, BuildDigestHa
                 campaign: u32::try_from(campaign_index).expect("fewer than 2^32 campaigns"),
                 key: u8::try_from(key_index).expect("at most 3 keys per campaign"),
             };
-            let previous = keys.insert(key.hash, slot);
+            let entry = KeyEntry {
+                slot,
+                expires_at: key.expires_at.unwrap_or(i64::MAX),
+            };
+            let previous = keys.insert(key.hash, entry);
             debug_assert!(previous.is_none(), "duplicate key digest");
         }
     }
