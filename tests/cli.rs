@@ -273,3 +273,31 @@ fn rfc3339(seconds: i64) -> String {
         .unwrap();
     text(&output.stdout).trim().to_owned()
 }
+
+/// Without any network but loopback, in a network namespace of its own, the first lookup
+/// of the upstream host fails without a query leaving the machine.
+#[test]
+fn run_exits_69_when_the_first_lookup_fails() {
+    let namespace = Command::new("unshare").args(["-n", "true"]).status();
+    assert!(
+        namespace.is_ok_and(|status| status.success()),
+        "this test needs `unshare -n` (util-linux) and the right to create a network namespace"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keygate.toml");
+    let config = test_config(
+        &["127.0.0.1:8080".parse().unwrap()],
+        "127.0.0.1:9000".parse().unwrap(),
+    )
+    .replacen("127.0.0.1:9000", "upstream.invalid:9000", 1);
+    std::fs::write(&path, config).unwrap();
+    let output = Command::new("unshare")
+        .args(["-n"])
+        .arg(keygate_binary())
+        .args(["run", "--config", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stderr = text(&output.stderr);
+    assert_eq!(output.status.code(), Some(69), "{stderr}");
+    assert!(stderr.contains("upstream.invalid"), "{stderr}");
+}

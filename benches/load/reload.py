@@ -5,8 +5,8 @@ serving requests, and the peak memory of keygate during the reload.
 For each table size it writes a config with that many campaigns (3 keys and, by default,
 20 networks each), starts the release keygate binary and the stand-in SMS API on loopback, then
 replaces the file several times (a rename, as editors and Kubernetes do). Each new
-version swaps one key of one campaign; the time is taken until a request with the new
-key is accepted. Peak memory is VmHWM, reset with /proc/PID/clear_refs before each
+version swaps one key of one campaign (with --change-all, one key of every campaign); the
+time is taken until a request with the new key is accepted. Peak memory is VmHWM, reset with /proc/PID/clear_refs before each
 reload, against VmRSS measured just before it.
 
 Run from the repository root after `cargo build --release --bin keygate --example sms_api`:
@@ -46,8 +46,10 @@ def sha256(text):
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def write_config(path, campaigns, networks_per_campaign, proxy_port, upstream_port, swapped_key):
-    """Writes the config; `swapped_key` is the key that replaces campaign 0's key 0."""
+def write_config(path, campaigns, networks_per_campaign, proxy_port, upstream_port, swapped_key, change_all=False):
+    """Writes the config; `swapped_key` is the key that replaces campaign 0's key 0. With
+    `change_all`, key 0 of every other campaign is replaced too, by a key derived from
+    `swapped_key`, so that no campaign is the same as in the previous version."""
     lines = [
         'environment = "test"',
         "[listen]",
@@ -69,7 +71,12 @@ def write_config(path, campaigns, networks_per_campaign, proxy_port, upstream_po
         lines.append(f'id = "campaign_{campaign:08d}"')
         lines.append(f"allowed_ips = [{', '.join(networks)}]")
         for key in range(3):
-            token = swapped_key if (campaign, key) == (0, 0) else key_of(campaign, key)
+            if (campaign, key) == (0, 0):
+                token = swapped_key
+            elif key == 0 and change_all:
+                token = f"{swapped_key}-{campaign}"
+            else:
+                token = key_of(campaign, key)
             lines.append("[[campaigns.keys]]")
             lines.append(f'id = "key-{key}"')
             lines.append(f'sha256 = "{sha256(token)}"')
@@ -117,7 +124,7 @@ def port_open(port):
         return False
 
 
-def measure(campaigns, networks_per_campaign, workdir):
+def measure(campaigns, networks_per_campaign, change_all, workdir):
     proxy_port, upstream_port = free_port(), free_port()
     path = os.path.join(workdir, f"keygate-{campaigns}.toml")
     os.replace(write_config(path, campaigns, networks_per_campaign, proxy_port, upstream_port, key_of(0, 0)), path)
@@ -137,7 +144,7 @@ def measure(campaigns, networks_per_campaign, workdir):
         previous = key_of(0, 0)
         for round_index in range(ROUNDS):
             new_key = f"key_test_round{round_index:038d}"
-            temporary = write_config(path, campaigns, networks_per_campaign, proxy_port, upstream_port, new_key)
+            temporary = write_config(path, campaigns, networks_per_campaign, proxy_port, upstream_port, new_key, change_all)
             # Let the stand-in and keygate settle after the previous reload.
             time.sleep(1.0)
             steadies.append(memory_kib(keygate.pid, "VmRSS"))
@@ -172,17 +179,22 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--campaigns", type=int, nargs="+", default=[1000, 100000])
     parser.add_argument("--networks", type=int, default=20, help="allowlist entries per campaign, 1 or more")
+    parser.add_argument(
+        "--change-all",
+        action="store_true",
+        help="change a key of every campaign in each version, not only of the first",
+    )
     arguments = parser.parse_args()
     for binary in (KEYGATE, STAND_IN):
         if not os.access(binary, os.X_OK):
             sys.exit(f"{binary} is missing; run: cargo build --release --bin keygate --example sms_api")
     with tempfile.TemporaryDirectory() as workdir:
         for campaigns in arguments.campaigns:
-            result = measure(campaigns, arguments.networks, workdir)
+            result = measure(campaigns, arguments.networks, arguments.change_all, workdir)
             latencies = result["latencies"]
             ratio = [peak / steady for peak, steady in zip(result["peak_mib"], result["steady_mib"])]
             print(
-                f"campaigns={campaigns} networks={arguments.networks} file={result['file_mib']:.1f}MiB start={result['start_seconds']:.2f}s "
+                f"campaigns={campaigns} networks={arguments.networks} change_all={arguments.change_all} file={result['file_mib']:.1f}MiB start={result['start_seconds']:.2f}s "
                 f"reload_s(min/median/max)={min(latencies):.3f}/{statistics.median(latencies):.3f}/{max(latencies):.3f} "
                 f"steady_rss_mib(min/median)={min(result['steady_mib']):.1f}/{statistics.median(result['steady_mib']):.1f} "
                 f"peak_rss_mib(min/median/max)={min(result['peak_mib']):.1f}/{statistics.median(result['peak_mib']):.1f}/{max(result['peak_mib']):.1f} "
