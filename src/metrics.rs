@@ -4,7 +4,7 @@
 //! campaign label exists only when `[metrics] per_campaign = true`, and no label ever
 //! contains a key or an IP address.
 
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use prometheus::{
@@ -76,8 +76,9 @@ pub struct Metrics {
     campaigns: IntGauge,
     keys: IntGauge,
     keys_expiring: Gauge,
-    /// The soonest key expiry of the table in force, in Unix seconds.
-    soonest_expiry: std::sync::Mutex<Option<i64>>,
+    keys_expired: IntGauge,
+    /// The key expiries of the table in force, in Unix seconds, sorted.
+    expiries: std::sync::Mutex<Arc<[i64]>>,
 }
 
 impl Metrics {
@@ -156,11 +157,16 @@ impl Metrics {
             IntGauge::new("keygate_keys", "Keys in the table in force.").expect("valid metric");
         let keys_expiring = Gauge::new(
             "keygate_keys_expiring_seconds",
-            "Seconds until the soonest key expiry in the table in force; negative when a key has already expired, +Inf when no key expires.",
+            "Seconds until the soonest expiry of a key that has not expired yet, in the table in force; +Inf when no such key expires.",
+        )
+        .expect("valid metric");
+        let keys_expired = IntGauge::new(
+            "keygate_keys_expired",
+            "Keys in the table in force that have expired and are rejected.",
         )
         .expect("valid metric");
 
-        let collectors: [Box<dyn prometheus::core::Collector>; 10] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 11] = [
             Box::new(requests.clone()),
             Box::new(request_duration.clone()),
             Box::new(decision_duration.clone()),
@@ -171,6 +177,7 @@ impl Metrics {
             Box::new(campaigns.clone()),
             Box::new(keys.clone()),
             Box::new(keys_expiring.clone()),
+            Box::new(keys_expired.clone()),
         ];
         for collector in collectors {
             registry
@@ -197,7 +204,8 @@ impl Metrics {
             campaigns,
             keys,
             keys_expiring,
-            soonest_expiry: std::sync::Mutex::new(None),
+            keys_expired,
+            expiries: std::sync::Mutex::new(Arc::from([])),
         }
     }
 
@@ -262,26 +270,27 @@ impl Metrics {
         self.config_last_success.set(crate::unix_now() as f64);
         self.campaigns.set(table.campaigns().len() as i64);
         self.keys.set(table.key_count() as i64);
-        let soonest = table
+        let mut expiries: Vec<i64> = table
             .campaigns()
             .iter()
             .flat_map(|campaign| campaign.keys.iter())
             .filter_map(|key| key.expires_at)
-            .min();
-        *self
-            .soonest_expiry
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = soonest;
+            .collect();
+        expiries.sort_unstable();
+        *self.expiries.lock().unwrap_or_else(|e| e.into_inner()) = expiries.into();
     }
 
     /// Renders every metric in the Prometheus text format.
     pub fn render(&self) -> Vec<u8> {
-        let soonest = *self
-            .soonest_expiry
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        let seconds_left = soonest.map_or(f64::INFINITY, |at| (at - crate::unix_now()) as f64);
+        let expiries = Arc::clone(&self.expiries.lock().unwrap_or_else(|e| e.into_inner()));
+        // A key is rejected from the second of its expiry on.
+        let now = crate::unix_now();
+        let expired = expiries.partition_point(|&at| at <= now);
+        let seconds_left = expiries
+            .get(expired)
+            .map_or(f64::INFINITY, |&at| (at - now) as f64);
         self.keys_expiring.set(seconds_left);
+        self.keys_expired.set(expired as i64);
         let mut text = Vec::new();
         if let Err(error) = TextEncoder::new().encode(&self.registry.gather(), &mut text) {
             tracing::error!(error = %error, "failed to encode metrics");
@@ -356,5 +365,40 @@ mod tests {
         // The prometheus crate writes +Inf as "inf", which Prometheus parses as +Inf.
         let metrics = Metrics::new(false);
         assert!(render(&metrics).contains("\nkeygate_keys_expiring_seconds inf\n"));
+        assert!(render(&metrics).contains("\nkeygate_keys_expired 0\n"));
+    }
+
+    #[test]
+    fn expired_keys_do_not_hide_the_next_expiry() {
+        use crate::table::{Campaign, Environment, IpSet, KeyHash, KeyInfo, Table};
+        let now = crate::unix_now();
+        let key = |id: &str, expires_at: i64| KeyInfo {
+            id: id.into(),
+            hash: KeyHash::of(id.as_bytes()),
+            expires_at: Some(expires_at),
+        };
+        let campaign = Campaign {
+            id: "campaign_a".into(),
+            networks: IpSet::default(),
+            keys: vec![
+                key("old", now - 60),
+                key("next", now + 86_400),
+                key("later", now + 864_000),
+            ]
+            .into(),
+            rate_limit: None,
+        };
+        let table = Table::new(Environment::Test, Vec::new(), vec![campaign]);
+        let metrics = Metrics::new(false);
+        metrics.record_table(&table, 1, true);
+        let text = render(&metrics);
+        assert!(text.contains("\nkeygate_keys_expired 1\n"), "{text}");
+        let left: f64 = text
+            .lines()
+            .find_map(|line| line.strip_prefix("keygate_keys_expiring_seconds "))
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!((86_000.0..=86_400.0).contains(&left), "{left}");
     }
 }

@@ -118,8 +118,12 @@ fn metrics_count_known_traffic_exactly() {
     assert_eq!(sample(&metrics, "keygate_config_generation"), Some(1.0));
     assert_eq!(sample(&metrics, "keygate_campaigns"), Some(3.0));
     assert_eq!(sample(&metrics, "keygate_keys"), Some(5.0));
-    // The test table contains a key that expired in 2020.
-    assert!(sample(&metrics, "keygate_keys_expiring_seconds").unwrap() < 0.0);
+    // The test table contains a key that expired in 2020 and no other expiry.
+    assert_eq!(sample(&metrics, "keygate_keys_expired"), Some(1.0));
+    assert_eq!(
+        sample(&metrics, "keygate_keys_expiring_seconds"),
+        Some(f64::INFINITY)
+    );
     assert!(
         sample(
             &metrics,
