@@ -1,166 +1,123 @@
-//! End-to-end test of `tls = true`: keygate forwards over HTTPS to an upstream on
+//! End-to-end test of `tls = true`: keygate forwards over HTTPS to a recording upstream on
 //! loopback whose certificate, for the name `localhost`, comes from a CA made in the test.
-//! The CA reaches keygate through `SSL_CERT_FILE`, which replaces the system's roots.
+//! The CA reaches keygate through `ca_file` or through `SSL_CERT_FILE`, which replaces the
+//! system's roots.
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
+use std::io::ErrorKind;
+use std::net::{Ipv6Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 
 use common::*;
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair, KeyUsagePurpose,
+};
+use rustls::pki_types::{CertificateDer, PrivatePkcs8KeyDer};
 use tempfile::TempDir;
 
 const BODY: &[u8] = br#"{"recipient":"+15550100"}"#;
 
-/// Runs openssl with `args` in `dir` and fails the test if it fails.
-fn openssl(dir: &Path, args: &[&str]) {
-    let output = Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("openssl is installed");
-    assert!(
-        output.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+/// A CA made in the test, with the private key that signs server certificates.
+type TestCa = CertifiedIssuer<'static, KeyPair>;
+
+/// Makes a CA named `name` and writes it to `dir` as `{name}.pem` and `{name}.key`.
+fn make_ca(dir: &Path, name: &str) -> TestCa {
+    let mut params = CertificateParams::default();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, format!("keygate test {name}"));
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+    let ca = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
+    std::fs::write(dir.join(format!("{name}.pem")), ca.pem()).unwrap();
+    std::fs::write(dir.join(format!("{name}.key")), ca.key().serialize_pem()).unwrap();
+    ca
 }
 
-/// Makes a CA named `name` in `dir`: `{name}.pem` and `{name}.key`.
-fn make_ca(dir: &Path, name: &str) {
-    let (pem, key) = (format!("{name}.pem"), format!("{name}.key"));
-    openssl(
-        dir,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            &key,
-            "-out",
-            &pem,
-            "-days",
-            "2",
-            "-subj",
-            &format!("/CN=keygate test {name}"),
-            "-addext",
-            "basicConstraints=critical,CA:TRUE",
-            "-addext",
-            "keyUsage=critical,keyCertSign",
-        ],
-    );
+/// A server certificate and its private key.
+struct ServerCertificate {
+    certificate: CertificateDer<'static>,
+    key: PrivatePkcs8KeyDer<'static>,
 }
 
-/// Makes a server certificate for `localhost` signed by the CA `ca`.
-fn make_server_certificate(dir: &Path, ca: &str) {
-    openssl(
-        dir,
-        &[
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            "server.key",
-            "-out",
-            "server.csr",
-            "-subj",
-            "/CN=localhost",
-        ],
-    );
-    std::fs::write(
-        dir.join("server.ext"),
-        "subjectAltName=DNS:localhost\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
-    )
-    .unwrap();
-    openssl(
-        dir,
-        &[
-            "x509",
-            "-req",
-            "-in",
-            "server.csr",
-            "-CA",
-            &format!("{ca}.pem"),
-            "-CAkey",
-            &format!("{ca}.key"),
-            "-CAcreateserial",
-            "-out",
-            "server.pem",
-            "-days",
-            "2",
-            "-extfile",
-            "server.ext",
-        ],
-    );
-}
-
-/// An HTTPS server on loopback (IPv4 and IPv6) that answers 201 and prints one line per
-/// request: the method, the path and the `X-Keygate-Campaign` header.
-const HTTPS_SERVER: &str = r#"
-import http.server, socket, ssl, sys
-class Handler(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    def do_POST(self):
-        self.rfile.read(int(self.headers.get("Content-Length", "0")))
-        print("request", self.command, self.path, self.headers.get("X-Keygate-Campaign"), flush=True)
-        body = b'{"tls":true}'
-        self.send_response(201)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-    def log_message(self, *args):
-        pass
-class Server(http.server.ThreadingHTTPServer):
-    address_family = socket.AF_INET6
-server = Server(("::", 0), Handler)
-context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-context.load_cert_chain(sys.argv[1], sys.argv[2])
-server.socket = context.wrap_socket(server.socket, server_side=True)
-print("port", server.server_address[1], flush=True)
-server.serve_forever()
-"#;
-
-struct HttpsUpstream {
-    child: Child,
-    port: u16,
-    lines: std::sync::mpsc::Receiver<String>,
-}
-
-impl HttpsUpstream {
-    fn start(dir: &Path) -> Self {
-        let mut child = Command::new("python3")
-            .args(["-c", HTTPS_SERVER])
-            .arg(dir.join("server.pem"))
-            .arg(dir.join("server.key"))
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("python3 is installed");
-        let (sender, lines) = std::sync::mpsc::channel();
-        let stdout = BufReader::new(child.stdout.take().unwrap());
-        std::thread::spawn(move || {
-            for line in stdout.lines().map_while(Result::ok) {
-                let _ = sender.send(line);
-            }
-        });
-        let first = lines
-            .recv_timeout(DEADLINE)
-            .expect("the HTTPS server starts");
-        let port = first.strip_prefix("port ").unwrap().parse().unwrap();
-        Self { child, port, lines }
+/// Makes a server certificate for the DNS name `name`, signed by `ca`.
+fn make_server_certificate(ca: &TestCa, name: &str) -> ServerCertificate {
+    let mut params = CertificateParams::new(vec![name.to_owned()]).unwrap();
+    params.distinguished_name.push(DnType::CommonName, name);
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    let key = KeyPair::generate().unwrap();
+    let certificate = params.signed_by(&key, ca).unwrap();
+    ServerCertificate {
+        certificate: certificate.der().clone(),
+        key: PrivatePkcs8KeyDer::from(key.serialize_der()),
     }
 }
 
-impl Drop for HttpsUpstream {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+/// Binds 127.0.0.1 and, where the host has IPv6, ::1 on one port picked at run time,
+/// because keygate spreads requests over every address that `localhost` resolves to.
+fn bind_localhost() -> Vec<TcpListener> {
+    for _ in 0..20 {
+        let ipv4 = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = ipv4.local_addr().unwrap().port();
+        match TcpListener::bind((Ipv6Addr::LOCALHOST, port)) {
+            Ok(ipv6) => return vec![ipv4, ipv6],
+            Err(error) if error.kind() == ErrorKind::AddrInUse => continue,
+            // Any other error, such as AddrNotAvailable, means the host has no ::1.
+            Err(_) => return vec![ipv4],
+        }
+    }
+    panic!("no port was free on both 127.0.0.1 and ::1 in 20 attempts");
+}
+
+/// A recording upstream that speaks HTTPS with one server certificate. It also records
+/// the TLS server name (SNI) of every handshake that the client finished.
+struct HttpsUpstream {
+    recorder: Upstream,
+    server_names: Arc<Mutex<Vec<Option<String>>>>,
+}
+
+impl HttpsUpstream {
+    fn start(certificate: ServerCertificate) -> Self {
+        // `builder` takes ring as the crypto provider, because ring is the only one that
+        // this build enables in rustls.
+        let config = rustls::ServerConfig::builder()
+            .with_no_client_auth()
+            .with_single_cert(vec![certificate.certificate], certificate.key.into())
+            .unwrap();
+        let config = Arc::new(config);
+        let server_names = Arc::new(Mutex::new(Vec::new()));
+        let names = Arc::clone(&server_names);
+        let recorder = Upstream::start_with(bind_localhost(), move |mut socket: TcpStream| {
+            let mut session = rustls::ServerConnection::new(Arc::clone(&config))
+                .map_err(std::io::Error::other)?;
+            // The whole handshake runs before any request is read, so a name is recorded
+            // only once the client has finished it, never for a client that rejects the
+            // certificate.
+            session.complete_io(&mut socket)?;
+            if session.is_handshaking() {
+                return Err(ErrorKind::UnexpectedEof.into());
+            }
+            let name = session.server_name().map(str::to_owned);
+            names.lock().unwrap().push(name);
+            Ok(rustls::StreamOwned::new(session, socket))
+        });
+        Self {
+            recorder,
+            server_names,
+        }
+    }
+
+    fn port(&self) -> u16 {
+        self.recorder.address.port()
+    }
+
+    /// Returns the server name of every finished handshake, in order.
+    fn server_names(&self) -> Vec<Option<String>> {
+        self.server_names.lock().unwrap().clone()
     }
 }
 
@@ -191,15 +148,19 @@ fn start_keygate(upstream_port: u16, upstream_lines: &str, roots: Option<&Path>)
     Keygate::start_with_env(dir, config_path, listen, &env)
 }
 
-/// Makes the CAs `ca` and `other`, a server certificate from `ca`, and starts the HTTPS
-/// upstream with it.
-fn upstream_with_two_cas() -> (tempfile::TempDir, HttpsUpstream) {
+/// Makes the CAs `ca` and `other` in a new directory, and starts an HTTPS upstream whose
+/// certificate for `localhost` is signed by `ca`.
+fn upstream_with_two_cas() -> (TempDir, HttpsUpstream) {
     let certificates = tempfile::tempdir().unwrap();
-    make_ca(certificates.path(), "ca");
+    let ca = make_ca(certificates.path(), "ca");
     make_ca(certificates.path(), "other");
-    make_server_certificate(certificates.path(), "ca");
-    let upstream = HttpsUpstream::start(certificates.path());
+    let upstream = HttpsUpstream::start(make_server_certificate(&ca, "localhost"));
     (certificates, upstream)
+}
+
+/// Returns the `[upstream]` line that sets `ca_file` to `path`.
+fn ca_file_line(path: &Path) -> String {
+    format!("ca_file = \"{}\"", path.display())
 }
 
 fn post(keygate: &Keygate) -> Response {
@@ -211,76 +172,130 @@ fn post(keygate: &Keygate) -> Response {
     )
 }
 
+/// Checks that the upstream received exactly the one request that `post` sends.
+fn assert_received_post(upstream: &HttpsUpstream) {
+    let received = upstream.recorder.received();
+    assert_eq!(received.len(), 1, "{received:?}");
+    assert_eq!(received[0].method, "POST");
+    assert_eq!(received[0].target, MESSAGES_A);
+    assert_eq!(received[0].header("X-Keygate-Campaign"), Some("campaign_a"));
+    assert_eq!(received[0].body, BODY);
+}
+
+/// Checks that `response` is keygate's 502 for an upstream it could not use, and that no
+/// handshake finished and no request reached the upstream.
+fn assert_rejected_upstream(response: &Response, upstream: &HttpsUpstream) {
+    assert_eq!(response.status, 502);
+    assert_eq!(response.error_code(), "upstream_unavailable");
+    let server_names = upstream.server_names();
+    assert!(
+        server_names.is_empty(),
+        "finished handshakes: {server_names:?}"
+    );
+    assert_eq!(
+        upstream.recorder.count(),
+        0,
+        "no request may reach the upstream"
+    );
+}
+
 #[test]
 fn tls_upstream_with_trusted_certificate() {
     let certificates = tempfile::tempdir().unwrap();
-    make_ca(certificates.path(), "ca");
-    make_server_certificate(certificates.path(), "ca");
-    let upstream = HttpsUpstream::start(certificates.path());
-    let keygate = start_keygate(upstream.port, "", Some(&certificates.path().join("ca.pem")));
+    let ca = make_ca(certificates.path(), "ca");
+    let upstream = HttpsUpstream::start(make_server_certificate(&ca, "localhost"));
+    let keygate = start_keygate(
+        upstream.port(),
+        "",
+        Some(&certificates.path().join("ca.pem")),
+    );
 
     let response = post(&keygate);
     assert_eq!(response.status, 201, "{}", keygate.output());
-    assert_eq!(response.json()["tls"], true);
-    let line = upstream.lines.recv_timeout(DEADLINE).unwrap();
-    assert_eq!(line, format!("request POST {MESSAGES_A} campaign_a"));
+    assert_eq!(response.json()["upstream"], true);
+    assert_eq!(upstream.server_names(), [Some("localhost".to_owned())]);
+    assert_received_post(&upstream);
 }
 
 #[test]
 fn tls_upstream_with_untrusted_certificate_gives_502() {
     let (certificates, upstream) = upstream_with_two_cas();
     let keygate = start_keygate(
-        upstream.port,
+        upstream.port(),
         "",
         Some(&certificates.path().join("other.pem")),
     );
 
     let response = post(&keygate);
-    assert_eq!(response.status, 502);
-    assert_eq!(response.error_code(), "upstream_unavailable");
-    assert!(
-        upstream.lines.try_recv().is_err(),
-        "no request may reach the upstream"
-    );
+    assert_rejected_upstream(&response, &upstream);
 }
 
 #[test]
 fn ca_file_replaces_the_system_roots() {
     let (certificates, upstream) = upstream_with_two_cas();
 
-    let trusted = format!(
-        "ca_file = \"{}\"",
-        certificates.path().join("ca.pem").display()
-    );
-    let keygate = start_keygate(upstream.port, &trusted, None);
+    let trusted = ca_file_line(&certificates.path().join("ca.pem"));
+    let keygate = start_keygate(upstream.port(), &trusted, None);
     assert_eq!(post(&keygate).status, 201, "{}", keygate.output());
-    assert!(upstream.lines.recv_timeout(DEADLINE).is_ok());
+    assert_received_post(&upstream);
 
-    let untrusted = format!(
-        "ca_file = \"{}\"",
-        certificates.path().join("other.pem").display()
-    );
-    let keygate = start_keygate(upstream.port, &untrusted, None);
+    let (certificates, upstream) = upstream_with_two_cas();
+    let untrusted = ca_file_line(&certificates.path().join("other.pem"));
+    let keygate = start_keygate(upstream.port(), &untrusted, None);
     let response = post(&keygate);
-    assert_eq!(response.status, 502);
-    assert_eq!(response.error_code(), "upstream_unavailable");
+    assert_rejected_upstream(&response, &upstream);
 }
 
 #[test]
 fn insecure_skip_verify_accepts_any_certificate_loudly() {
     let (certificates, upstream) = upstream_with_two_cas();
     let keygate = start_keygate(
-        upstream.port,
+        upstream.port(),
         "insecure_skip_verify = true",
         Some(&certificates.path().join("other.pem")),
     );
     assert_eq!(post(&keygate).status, 201, "{}", keygate.output());
-    assert!(upstream.lines.recv_timeout(DEADLINE).is_ok());
+    assert_received_post(&upstream);
     let output = keygate.output();
     assert!(
         output.contains("upstream TLS certificates are NOT verified"),
         "{output}"
     );
+}
+
+/// `sni` replaces the host name in the ClientHello and in the certificate check. keygate
+/// still connects to `localhost`, so the name in the reserved `.test` domain is never
+/// looked up.
+#[test]
+fn sni_sets_the_name_sent_and_verified() {
+    let certificates = tempfile::tempdir().unwrap();
+    let ca = make_ca(certificates.path(), "ca");
+    let upstream = HttpsUpstream::start(make_server_certificate(&ca, "api.keygate.test"));
+    let lines = format!(
+        "sni = \"api.keygate.test\"\n{}",
+        ca_file_line(&certificates.path().join("ca.pem"))
+    );
+    let keygate = start_keygate(upstream.port(), &lines, None);
+
+    assert_eq!(post(&keygate).status, 201, "{}", keygate.output());
+    assert_eq!(
+        upstream.server_names(),
+        [Some("api.keygate.test".to_owned())]
+    );
+    assert_received_post(&upstream);
+}
+
+#[test]
+fn sni_not_in_certificate_gives_502() {
+    let (certificates, upstream) = upstream_with_two_cas();
+    let lines = format!(
+        "sni = \"api.keygate.test\"\n{}",
+        ca_file_line(&certificates.path().join("ca.pem"))
+    );
+    let keygate = start_keygate(upstream.port(), &lines, None);
+
+    let response = post(&keygate);
+    assert_rejected_upstream(&response, &upstream);
 }
 
 /// A CA file that Pingora 0.9.1 would panic on, or load as an empty trust store, must stop

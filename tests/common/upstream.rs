@@ -1,6 +1,7 @@
-//! A recording upstream: an HTTP/1.1 server on loopback that stores every request it
-//! receives and answers 201 with a small JSON body. A request header `x-test-status`
-//! sets another status, and `x-test-delay-ms` delays the answer.
+//! A recording upstream: an HTTP/1.1 server on loopback, over plain TCP or a stream the
+//! caller wraps each connection in (such as TLS), that stores every request it receives
+//! and responds with 201 and a small JSON body. A request header `x-test-status` sets
+//! another status, and `x-test-delay-ms` delays the response.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -39,7 +40,8 @@ pub struct Upstream {
     wire: Arc<Wire>,
 }
 
-/// Every byte that arrived, on any connection, and the connections that ended.
+/// Every byte read from any connection, after TLS if there is any, and the connections
+/// that ended.
 #[derive(Default)]
 struct Wire {
     bytes: Mutex<Vec<u8>>,
@@ -53,20 +55,38 @@ impl Upstream {
 
     /// Starts the upstream on `address`; port 0 picks a free port.
     pub fn start_on(address: SocketAddr) -> Self {
-        let listener = TcpListener::bind(address).unwrap();
-        let address = listener.local_addr().unwrap();
+        Self::start_with(vec![TcpListener::bind(address).unwrap()], Ok)
+    }
+
+    /// Starts the upstream on `listeners`, the first of which gives `address`. `wrap`
+    /// turns each accepted connection into the stream that requests are read from and
+    /// responses written to, such as a TLS session. A connection that `wrap` fails on is
+    /// closed without a response.
+    pub fn start_with<S, W>(listeners: Vec<TcpListener>, wrap: W) -> Self
+    where
+        S: Read + Write,
+        W: Fn(TcpStream) -> std::io::Result<S> + Send + Sync + 'static,
+    {
+        let address = listeners[0].local_addr().unwrap();
         let received = Arc::new(Mutex::new(Vec::new()));
         let wire = Arc::new(Wire::default());
-        let (store, shared_wire) = (Arc::clone(&received), Arc::clone(&wire));
-        std::thread::spawn(move || {
-            for stream in listener.incoming().flatten() {
-                let (store, wire) = (Arc::clone(&store), Arc::clone(&shared_wire));
-                std::thread::spawn(move || {
-                    serve(stream, &store, &wire);
-                    wire.closed.fetch_add(1, Ordering::SeqCst);
-                });
-            }
-        });
+        let wrap = Arc::new(wrap);
+        for listener in listeners {
+            let (store, shared_wire) = (Arc::clone(&received), Arc::clone(&wire));
+            let wrap = Arc::clone(&wrap);
+            std::thread::spawn(move || {
+                for stream in listener.incoming().flatten() {
+                    let (store, wire) = (Arc::clone(&store), Arc::clone(&shared_wire));
+                    let wrap = Arc::clone(&wrap);
+                    std::thread::spawn(move || {
+                        if let Ok(stream) = wrap(stream) {
+                            serve(stream, &store, &wire);
+                        }
+                        wire.closed.fetch_add(1, Ordering::SeqCst);
+                    });
+                }
+            });
+        }
         Self {
             address,
             received,
@@ -74,7 +94,8 @@ impl Upstream {
         }
     }
 
-    /// Returns every byte received so far, on all connections, in arrival order.
+    /// Returns every byte received so far, on all connections, in arrival order. Over TLS
+    /// these are the decrypted bytes.
     pub fn wire_bytes(&self) -> Vec<u8> {
         self.wire.bytes.lock().unwrap().clone()
     }
@@ -94,7 +115,7 @@ impl Upstream {
     }
 }
 
-fn serve(mut stream: TcpStream, store: &Mutex<Vec<Recorded>>, wire: &Wire) {
+fn serve(mut stream: impl Read + Write, store: &Mutex<Vec<Recorded>>, wire: &Wire) {
     let mut buffer = Vec::new();
     loop {
         let Some(request) = read_request(&mut stream, &mut buffer, wire) else {
@@ -121,7 +142,7 @@ fn serve(mut stream: TcpStream, store: &Mutex<Vec<Recorded>>, wire: &Wire) {
     }
 }
 
-fn read_request(stream: &mut TcpStream, buffer: &mut Vec<u8>, wire: &Wire) -> Option<Recorded> {
+fn read_request(stream: &mut impl Read, buffer: &mut Vec<u8>, wire: &Wire) -> Option<Recorded> {
     let mut chunk = [0u8; 16384];
     let mut read_more = |buffer: &mut Vec<u8>| {
         let read = stream.read(&mut chunk).ok().filter(|&read| read > 0)?;
