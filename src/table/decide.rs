@@ -8,7 +8,7 @@ use std::net::IpAddr;
 
 use super::key::KeyHash;
 use super::path::check_path;
-use super::{KeySlot, Table};
+use super::{KeyEntry, KeySlot, Table};
 
 /// The `Authorization` header of a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -165,13 +165,13 @@ fn check(table: &Table, facts: &RequestFacts<'_>) -> Result<Grant, Denial> {
     // key's own allowlist contains the client, the client is in the union too, so the
     // union is searched only to tell which denial comes first in the order above.
     match (client_ip, find_key(table, facts)) {
-        (Some(ip), Ok(slot)) if table.campaign(slot.campaign).networks.contains(ip) => {
-            if path_campaign != table.campaign(slot.campaign).id.as_bytes() {
+        (Some(ip), Ok(key)) if key.networks.contains(ip) => {
+            if path_campaign != key.campaign_id.as_bytes() {
                 return Err(Denial::CampaignNotAllowed);
             }
             Ok(Grant {
-                campaign: slot.campaign,
-                key: slot.key,
+                campaign: key.slot.campaign,
+                key: key.slot.key,
             })
         }
         (ip, key) => {
@@ -187,11 +187,11 @@ fn check(table: &Table, facts: &RequestFacts<'_>) -> Result<Grant, Denial> {
 /// knows it and it has not expired. The access log names them for a request that was
 /// denied for its address or its path.
 pub fn presented_key(table: &Table, facts: &RequestFacts<'_>) -> Option<KeySlot> {
-    find_key(table, facts).ok()
+    find_key(table, facts).ok().map(|key| key.slot)
 }
 
 /// Finds the key that the request presents, or returns the denial for its absence.
-fn find_key(table: &Table, facts: &RequestFacts<'_>) -> Result<KeySlot, Denial> {
+fn find_key<'t>(table: &'t Table, facts: &RequestFacts<'_>) -> Result<&'t KeyEntry, Denial> {
     let value = match facts.authorization {
         Authorization::Missing => return Err(Denial::MissingKey),
         Authorization::Repeated => return Err(Denial::InvalidKey),
@@ -207,7 +207,7 @@ fn find_key(table: &Table, facts: &RequestFacts<'_>) -> Result<KeySlot, Denial> 
     if facts.now >= key.expires_at {
         return Err(Denial::InvalidKey);
     }
-    Ok(key.slot)
+    Ok(key)
 }
 
 /// Extracts the token of `Bearer <token>`: the scheme in any letter case, one or more

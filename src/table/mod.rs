@@ -63,12 +63,16 @@ pub struct KeySlot {
     pub key: u8,
 }
 
-/// A key in the table's index: its position, and when it expires.
-#[derive(Debug, Clone, Copy)]
+/// A key in the table's index: its position, when it expires, and what a decision needs
+/// of its campaign. Shared copies of the campaign's id and networks sit in the entry so
+/// that an allowed decision reaches them without first loading the campaign.
+#[derive(Debug, Clone)]
 struct KeyEntry {
     slot: KeySlot,
     /// Unix time in seconds after which the key is rejected; `i64::MAX` for never.
     expires_at: i64,
+    campaign_id: Arc<str>,
+    networks: IpSet,
 }
 
 /// The access table: everything a decision needs, and nothing that changes while it is
@@ -201,6 +205,8 @@ fn index_keys(campaigns: &[Campaign]) -> HashMap<KeyHash, KeyEntry, BuildDigestH
             let entry = KeyEntry {
                 slot,
                 expires_at: key.expires_at.unwrap_or(i64::MAX),
+                campaign_id: Arc::clone(&campaign.id),
+                networks: campaign.networks.clone(),
             };
             let previous = keys.insert(key.hash, entry);
             debug_assert!(previous.is_none(), "duplicate key digest");
