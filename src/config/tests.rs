@@ -712,3 +712,13 @@ fn wrong_type_in_array_keeps_later_indexes() {
     ];
     assert_eq!(summary, expected, "{found:?}");
 }
+
+#[test]
+fn hundreds_of_keys_in_a_campaign_are_reported_not_fatal() {
+    let extra: String = (0..300)
+        .map(|n| format!("\n[[campaigns.keys]]\nid = \"k{n}\"\nsha256 = \"{n:064x}\"\n"))
+        .collect();
+    let found = errors_after(LAST_KEY_LINE_A, &format!("{LAST_KEY_LINE_A}{extra}"));
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert!(found[0].message.contains("301 keys"), "{}", found[0]);
+}

@@ -16,10 +16,9 @@ use super::file::{
 };
 use super::parallel::map_chunks;
 use super::{Limits, Listen, Log, LogFormat, Metrics, Reload, Settings, Shutdown, Upstream};
-use crate::table::key::BuildDigestHasher;
 use crate::table::{
-    Campaign, Environment, IpSet, KeyHash, KeyInfo, RateLimit, Route, SharedCampaigns, Table,
-    MAX_KEYS_PER_CAMPAIGN,
+    Campaign, Environment, IpSet, KeyHash, KeyIndex, KeyInfo, RateLimit, Route, SharedCampaigns,
+    Table, MAX_KEYS_PER_CAMPAIGN,
 };
 
 const DEFAULT_CONNECT_TIMEOUT_MS: i64 = 2_000;
@@ -56,12 +55,22 @@ pub(super) fn build(
         per_campaign: file.metrics.and_then(|m| m.per_campaign).unwrap_or(false),
     };
     let reload = reload(file.reload.as_ref(), report);
-    let campaigns = finish_campaigns(campaigns, default_rate_limit, report);
+    let (campaigns, places) = finish_campaigns(campaigns, default_rate_limit, report);
+    // The checks across campaigns build the table's key index as they go.
+    let mut check =
+        |campaigns: &[Campaign]| Some(check_across_campaigns(campaigns, &places, report));
+    let table = match environment {
+        Some(environment) => Table::build(environment, routes, campaigns, check),
+        None => {
+            check(&campaigns);
+            None
+        }
+    };
 
     if !report.errors.is_empty() {
         return None;
     }
-    let table = Table::new(environment?, routes, campaigns).with_trusted_proxies(trusted_proxies);
+    let table = table?.with_trusted_proxies(trusted_proxies);
     let settings = Settings {
         listen: listen?,
         upstream: upstream?,
@@ -693,32 +702,47 @@ pub(super) fn check_campaign(
     }
 }
 
-/// Finishes the campaigns: reports the errors found in each, duplicate campaign ids and
-/// key hashes used twice, and applies the default rate limit.
+/// Where a campaign's values are in the file, for errors found across campaigns: the span
+/// of its id, and the `key_places` of its keys (see `CheckedCampaign`).
+type Places = (Range<usize>, Vec<(usize, Range<usize>)>);
+
+/// Reports the errors found in each campaign, applies the default rate limit, and splits
+/// the campaigns from their places in the file.
 fn finish_campaigns(
-    mut checked: Vec<CheckedCampaign>,
+    checked: Vec<CheckedCampaign>,
     default_rate_limit: Option<RateLimit>,
     report: &mut Report<'_>,
-) -> Vec<Campaign> {
-    for campaign in &mut checked {
-        report.errors.append(&mut campaign.errors);
-    }
-    // The first campaign with an id, and the first key with a digest, by index. Offsets
-    // become line numbers only for an error, because looking up the line of each of
-    // hundreds of thousands of keys takes a noticeable part of a large reload.
-    let mut first_with_id: HashMap<&str, usize> = HashMap::with_capacity(checked.len());
-    let mut owner_of_hash: HashMap<KeyHash, (usize, usize), BuildDigestHasher> =
-        HashMap::with_capacity_and_hasher(
-            checked.len() * MAX_KEYS_PER_CAMPAIGN,
-            BuildDigestHasher::default(),
-        );
-    for (index, checked_campaign) in checked.iter().enumerate() {
-        let campaign = &checked_campaign.campaign;
+) -> (Vec<Campaign>, Vec<Places>) {
+    checked
+        .into_iter()
+        .map(|mut checked_campaign| {
+            report.errors.append(&mut checked_campaign.errors);
+            let mut campaign = checked_campaign.campaign;
+            campaign.rate_limit = campaign.rate_limit.or(default_rate_limit);
+            (
+                campaign,
+                (checked_campaign.id_span, checked_campaign.key_places),
+            )
+        })
+        .unzip()
+}
+
+/// Reports duplicate campaign ids and key hashes used twice, and returns the index of the
+/// keys. Offsets become line numbers only for an error, because looking up the line of
+/// each of hundreds of thousands of keys takes a noticeable part of a large reload.
+fn check_across_campaigns(
+    campaigns: &[Campaign],
+    places: &[Places],
+    report: &mut Report<'_>,
+) -> KeyIndex {
+    let mut first_with_id: HashMap<&str, usize> = HashMap::with_capacity(campaigns.len());
+    let mut keys = KeyIndex::with_capacity(campaigns);
+    for (index, (campaign, (id_span, key_places))) in campaigns.iter().zip(places).enumerate() {
         let id = &*campaign.id;
         if let Some(&first) = first_with_id.get(id) {
-            let first = report.line(checked[first].id_span.start);
+            let first = report.line(places[first].0.start);
             report.error(
-                checked_campaign.id_span.clone(),
+                id_span.clone(),
                 Some(id),
                 format!("campaigns[{index}].id"),
                 Some(id),
@@ -727,34 +751,27 @@ fn finish_campaigns(
         } else {
             first_with_id.insert(id, index);
         }
-        let places = campaign.keys.iter().zip(&checked_campaign.key_places);
-        for (position, (key, (key_index, span))) in places.enumerate() {
-            let Some(&(owner, owner_position)) = owner_of_hash.get(&key.hash) else {
-                owner_of_hash.insert(key.hash, (index, position));
+        // A campaign with more keys than a key position holds has an error already.
+        let indexed = key_places.iter().enumerate().take(usize::from(u8::MAX) + 1);
+        for (position, (key_index, span)) in indexed {
+            let Err(owner) = keys.insert(campaigns, index, position) else {
                 continue;
             };
-            let owner = &checked[owner];
-            let owner_line = report.line(owner.key_places[owner_position].1.start);
+            let (owner, owner_position) = (owner.campaign as usize, usize::from(owner.key));
+            let owner_line = report.line(places[owner].1[owner_position].1.start);
             report.error(
                 span.clone(),
                 Some(id),
                 format!("campaigns[{index}].keys[{key_index}].sha256"),
-                Some(&key.hash.to_hex()),
+                Some(&campaign.keys[position].hash.to_hex()),
                 format!(
                     "the same key hash is already used by key \"{}\" of campaign \"{}\" on line {owner_line}; every key must be unique",
-                    owner.campaign.keys[owner_position].id, owner.campaign.id,
+                    campaigns[owner].keys[owner_position].id, campaigns[owner].id,
                 ),
             );
         }
     }
-    checked
-        .into_iter()
-        .map(|checked_campaign| {
-            let mut campaign = checked_campaign.campaign;
-            campaign.rate_limit = campaign.rate_limit.or(default_rate_limit);
-            campaign
-        })
-        .collect()
+    keys
 }
 
 fn allowlist(section: &CampaignSection, field: &str, report: &mut Report<'_>) -> IpSet {

@@ -9,6 +9,7 @@ mod ipset;
 pub mod key;
 pub mod path;
 
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -95,8 +96,29 @@ impl Table {
     /// INVARIANT: campaign ids and key digests are unique, and no campaign has more
     /// than `MAX_KEYS_PER_CAMPAIGN` keys.
     pub fn new(environment: Environment, routes: Vec<Route>, campaigns: Vec<Campaign>) -> Self {
-        // The union of a large table's allowlists is built on a second thread while this
-        // one indexes the keys. Both only read the campaigns.
+        let table = Self::build(environment, routes, campaigns, |campaigns| {
+            let mut keys = KeyIndex::with_capacity(campaigns);
+            for (index, campaign) in campaigns.iter().enumerate() {
+                debug_assert!(campaign.keys.len() <= MAX_KEYS_PER_CAMPAIGN);
+                for key in 0..campaign.keys.len() {
+                    let added = keys.insert(campaigns, index, key);
+                    debug_assert!(added.is_ok(), "duplicate key digest");
+                }
+            }
+            Some(keys)
+        });
+        table.expect("the key index is always built")
+    }
+
+    /// Builds a table whose keys `index_keys` indexes, or returns `None` when it returns
+    /// `None`. For a large table the union of all allowlists is built on a second thread
+    /// meanwhile; both only read the campaigns.
+    pub fn build(
+        environment: Environment,
+        routes: Vec<Route>,
+        campaigns: Vec<Campaign>,
+        index_keys: impl FnOnce(&[Campaign]) -> Option<KeyIndex>,
+    ) -> Option<Self> {
         let union = || IndexedIpSet::union(campaigns.iter().map(|c| &c.networks));
         let (keys, callers) = std::thread::scope(|scope| {
             let builder = (campaigns.len() >= PARALLEL_BUILD_CAMPAIGNS).then(|| scope.spawn(union));
@@ -105,18 +127,19 @@ impl Table {
                 Some(builder) => builder
                     .join()
                     .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
-                None => union(),
+                None if keys.is_some() => union(),
+                None => IndexedIpSet::default(),
             };
             (keys, callers)
         });
-        Self {
+        Some(Self {
             environment,
             routes,
             campaigns,
-            keys,
+            keys: keys?.entries,
             callers,
             trusted_proxies: IpSet::default(),
-        }
+        })
     }
 
     /// Sets the proxies whose `X-Forwarded-For` header names the client.
@@ -186,31 +209,47 @@ impl<'t> SharedCampaigns<'t> {
     }
 }
 
-/// Campaigns from which `Table::new` builds the address union on a second thread.
+/// Campaigns from which `Table::build` builds the address union on a second thread.
 const PARALLEL_BUILD_CAMPAIGNS: usize = 10_000;
 
-/// Indexes every key of `campaigns` by its digest.
-fn index_keys(campaigns: &[Campaign]) -> HashMap<KeyHash, KeyEntry, BuildDigestHasher> {
-    let mut keys = HashMap::with_capacity_and_hasher(
-        campaigns.iter().map(|c| c.keys.len()).sum(),
-        BuildDigestHasher::default(),
-    );
-    for (campaign_index, campaign) in campaigns.iter().enumerate() {
-        debug_assert!(campaign.keys.len() <= MAX_KEYS_PER_CAMPAIGN);
-        for (key_index, key) in campaign.keys.iter().enumerate() {
-            let slot = KeySlot {
-                campaign: u32::try_from(campaign_index).expect("fewer than 2^32 campaigns"),
-                key: u8::try_from(key_index).expect("at most 3 keys per campaign"),
-            };
-            let entry = KeyEntry {
-                slot,
-                expires_at: key.expires_at.unwrap_or(i64::MAX),
-                campaign_id: Arc::clone(&campaign.id),
-                networks: campaign.networks.clone(),
-            };
-            let previous = keys.insert(key.hash, entry);
-            debug_assert!(previous.is_none(), "duplicate key digest");
+/// The keys of a table by digest, for `Table::build`.
+pub struct KeyIndex {
+    entries: HashMap<KeyHash, KeyEntry, BuildDigestHasher>,
+}
+
+impl KeyIndex {
+    /// Creates an index with room for every key of `campaigns`.
+    pub fn with_capacity(campaigns: &[Campaign]) -> Self {
+        let keys = campaigns.iter().map(|c| c.keys.len()).sum();
+        Self {
+            entries: HashMap::with_capacity_and_hasher(keys, BuildDigestHasher::default()),
         }
     }
-    keys
+
+    /// Adds key `key` of the campaign at `campaign` in `campaigns`. When another key has
+    /// the same digest, that key stays and its position is returned.
+    pub fn insert(
+        &mut self,
+        campaigns: &[Campaign],
+        campaign: usize,
+        key: usize,
+    ) -> Result<(), KeySlot> {
+        let owner = &campaigns[campaign];
+        let info = &owner.keys[key];
+        match self.entries.entry(info.hash) {
+            Entry::Occupied(existing) => Err(existing.get().slot),
+            Entry::Vacant(vacant) => {
+                vacant.insert(KeyEntry {
+                    slot: KeySlot {
+                        campaign: u32::try_from(campaign).expect("fewer than 2^32 campaigns"),
+                        key: u8::try_from(key).expect("at most 3 keys per campaign"),
+                    },
+                    expires_at: info.expires_at.unwrap_or(i64::MAX),
+                    campaign_id: Arc::clone(&owner.id),
+                    networks: owner.networks.clone(),
+                });
+                Ok(())
+            }
+        }
+    }
 }
