@@ -174,8 +174,7 @@ impl Table {
         self.keys.len()
     }
 
-    /// Finds a key by its digest: its position and its expiry, which the index keeps
-    /// next to the position so that a decision reads no `KeyInfo`.
+    /// Finds a key's index entry by its digest.
     fn find_key(&self, hash: &KeyHash) -> Option<&KeyEntry> {
         self.keys.get(hash)
     }
