@@ -57,6 +57,11 @@ fn valid_file_builds_table_and_settings() {
     assert_eq!(first.keys[0].expires_at, Some(1_814_313_600));
 }
 
+/// Returns the line and field of each error, in order.
+fn lines_and_fields(found: &[ConfigError]) -> Vec<(usize, &str)> {
+    found.iter().map(|e| (e.line, e.field.as_str())).collect()
+}
+
 /// Replaces `from` in the valid file, which must contain it, and returns the errors.
 fn errors_after(from: &str, to: &str) -> Vec<ConfigError> {
     assert!(VALID.contains(from), "{from}");
@@ -337,7 +342,7 @@ fn https_options_without_tls_report_their_own_lines() {
         "connect_timeout_ms = 500",
         "connect_timeout_ms = 500\nca_file = \"ca.pem\"\ninsecure_skip_verify = true",
     );
-    let summary: Vec<(usize, &str)> = found.iter().map(|e| (e.line, e.field.as_str())).collect();
+    let summary = lines_and_fields(&found);
     assert_eq!(
         summary,
         vec![
@@ -418,7 +423,7 @@ fn unknown_fields_and_invalid_values_are_reported_together() {
         )
         .replacen("\"203.0.113.0/24\"", "\"203.0.113.7/24\"", 1);
     let found = errors(&text);
-    let summary: Vec<(usize, &str)> = found.iter().map(|e| (e.line, e.field.as_str())).collect();
+    let summary = lines_and_fields(&found);
     let expected = vec![
         (16, "campaigns[0].allowed_ips[0]"),
         (24, "campaigns[1].allowed_ips"),
@@ -592,7 +597,7 @@ fn wrong_types_reported_with_other_errors() {
             1,
         );
     let found = errors(&text);
-    let summary: Vec<(usize, &str)> = found.iter().map(|e| (e.line, e.field.as_str())).collect();
+    let summary = lines_and_fields(&found);
     let expected = vec![
         (9, "upstream.connect_timeout_ms"),
         (24, "campaigns[1].id"),
@@ -622,7 +627,7 @@ fn wrong_required_value_ends_search_quietly() {
         .replacen("connect_timeout_ms = 500", "connect_timeout_ms = true", 1)
         .replacen("id = \"campaign_b\"", "id = 7", 1);
     let found = errors(&text);
-    let summary: Vec<(usize, &str)> = found.iter().map(|e| (e.line, e.field.as_str())).collect();
+    let summary = lines_and_fields(&found);
     assert_eq!(
         summary,
         vec![(9, "upstream.connect_timeout_ms"), (24, "campaigns[1].id")],
@@ -637,7 +642,7 @@ fn shared_hash_reported_beside_other_key_errors() {
         .replacen("id = \"primary\"\n", "id = \"primary key\"\n", 1)
         .replacen(HASH_B, HASH_A, 1);
     let found = errors(&text);
-    let summary: Vec<(usize, &str)> = found.iter().map(|e| (e.line, e.field.as_str())).collect();
+    let summary = lines_and_fields(&found);
     assert_eq!(
         summary,
         vec![
@@ -705,7 +710,7 @@ fn wrong_type_in_array_keeps_later_indexes() {
             1,
         );
     let found = errors(&text);
-    let summary: Vec<(usize, &str)> = found.iter().map(|e| (e.line, e.field.as_str())).collect();
+    let summary = lines_and_fields(&found);
     let expected = vec![
         (16, "campaigns[0].allowed_ips[0]"),
         (25, "campaigns[1].allow_any_ip"),

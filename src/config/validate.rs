@@ -702,8 +702,8 @@ pub(super) fn check_campaign(
     }
 }
 
-/// Where a campaign's values are in the file, for errors found across campaigns: the span
-/// of its id, and the `key_places` of its keys (see `CheckedCampaign`).
+/// The positions in the file of a campaign's id and keys (its `key_places`, see
+/// `CheckedCampaign`), for errors found across campaigns.
 type Places = (Range<usize>, Vec<(usize, Range<usize>)>);
 
 /// Reports the errors found in each campaign, applies the default rate limit, and splits
