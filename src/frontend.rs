@@ -25,12 +25,15 @@ use tokio::time::{timeout_at, Instant};
 
 use crate::lifecycle::{InFlight, Lifecycle};
 use crate::metrics::{Metrics, RequestOutcome};
-use crate::proxy::{error_body, AccessLine, Keygate};
+use crate::proxy::{error_body, reply_for, AccessLine, ErrorReply, Keygate};
+use crate::table::Denial;
 use crate::table::Table;
 
 /// The longest PROXY protocol header: v2's 16-byte preamble and the 65,535 bytes of
 /// addresses and TLVs that its length field can announce. A v1 header has at most 107.
 const MAX_PROXY_HEADER: usize = 16 + u16::MAX as usize;
+/// The maximum number of header lines in a request; Pingora rejects more.
+const MAX_HEADERS: usize = 256;
 const PROXY_V2_SIGNATURE: &[u8; 12] = b"\r\n\r\n\0\r\nQUIT\n";
 
 /// Settings of the front end.
@@ -52,7 +55,8 @@ pub struct Frontend {
     pub limits: FrontendLimits,
     /// Whether every connection must start with a PROXY protocol header.
     pub proxy_protocol: bool,
-    /// Whether a 408 writes an access log line, as every answered request does.
+    /// Whether a rejection sent by the front end writes an access log line, as every
+    /// other response does.
     pub access_log: bool,
     /// Counts requests in flight from their first byte, for the shutdown sequence.
     pub lifecycle: Arc<Lifecycle>,
@@ -80,6 +84,10 @@ impl ServerApp for Frontend {
             let in_flight = self
                 .read_header(&mut stream, &mut buffer, first, started, shutdown)
                 .await?;
+            if let Some(reply) = self.malformed(&buffer) {
+                self.reject(&mut stream, &reply, started.elapsed()).await;
+                return None;
+            }
             first = false;
             // The buffer keeps its capacity, so the next request and the body bytes that
             // came with it are read at once. A body split here would cost one more write
@@ -155,11 +163,42 @@ impl Frontend {
 
     /// Sends 408 to a client that did not send its request header in time.
     async fn timed_out(&self, stream: &mut Stream) {
-        let request_id = crate::proxy::new_request_id();
         let reply = crate::proxy::timeout_reply();
-        let body = error_body(&reply, &request_id);
+        self.reject(stream, &reply, self.limits.header_timeout)
+            .await;
+    }
+
+    /// Returns the rejection for a request header that the proxy would reject as
+    /// malformed with a plain response of its own: one over the size limit, or one that
+    /// is not valid HTTP/1.1.
+    fn malformed(&self, header: &[u8]) -> Option<ErrorReply> {
+        // `read_header` stops at the size limit, so an unfinished header is over it.
+        if !header_complete(header) {
+            return Some(reply_for(Denial::HeaderTooLarge));
+        }
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        match httparse::Request::new(&mut headers).parse(header) {
+            Ok(_) => None,
+            // Pingora parses such a request line again with its bytes escaped, and may
+            // accept it.
+            Err(httparse::Error::Token | httparse::Error::Version) => None,
+            Err(httparse::Error::TooManyHeaders) => Some(reply_for(Denial::HeaderTooLarge)),
+            Err(_) => Some(crate::proxy::malformed_reply()),
+        }
+    }
+
+    /// Sends `reply` and closes the connection, before the proxy has read the request,
+    /// with the metrics and the access log line of any rejected request.
+    async fn reject(&self, stream: &mut Stream, reply: &ErrorReply, duration: Duration) {
+        let request_id = crate::proxy::new_request_id();
+        let body = error_body(reply, &request_id);
+        let reason = http::StatusCode::from_u16(reply.status)
+            .ok()
+            .and_then(|status| status.canonical_reason())
+            .unwrap_or("");
         let head = format!(
-            "HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\nContent-Length: {}\r\nX-Request-Id: {request_id}\r\nConnection: close\r\n\r\n",
+            "HTTP/1.1 {} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nX-Request-Id: {request_id}\r\nConnection: close\r\n\r\n",
+            reply.status,
             body.len()
         );
         let written = async {
@@ -172,17 +211,13 @@ impl Frontend {
             tracing::debug!(
                 request.id = %request_id,
                 error = %error,
-                "408 response not sent; the client connection failed",
+                "rejection not sent; the client connection failed",
             );
         }
-        self.metrics.record_request(
-            RequestOutcome::Rejected,
-            reply.code,
-            None,
-            self.limits.header_timeout,
-        );
+        self.metrics
+            .record_request(RequestOutcome::Rejected, reply.code, None, duration);
         if self.access_log {
-            // The request line may not have arrived, so method and path stay empty.
+            // The request line may be missing or invalid, so method and path stay empty.
             let peer = peer_ip(stream);
             AccessLine {
                 request_id: &request_id,
@@ -190,12 +225,12 @@ impl Frontend {
                 peer_ip: peer,
                 method: "",
                 path: b"",
-                status: 408,
+                status: reply.status,
                 code: reply.code,
                 campaign: None,
                 key: None,
                 upstream_status: 0,
-                duration: self.limits.header_timeout,
+                duration,
                 bytes_received: 0,
                 bytes_sent: body.len(),
             }

@@ -223,6 +223,38 @@ fn garbage_request_does_not_reach_upstream() {
     );
 }
 
+/// A request header that is not valid HTTP/1.1 gets keygate's JSON 400, and nothing of it
+/// reaches the upstream.
+#[test]
+fn malformed_headers_get_a_json_400() {
+    let setup = Setup::start();
+    let auth = bearer(KEY_A);
+    let head =
+        format!("POST {MESSAGES_A} HTTP/1.1\r\nHost: keygate.test\r\nAuthorization: {auth}\r\n");
+    for bad_line in [
+        "X Bad Name: value\r\n",
+        "X-Folded: first\r\n second\r\n",
+        "No colon here\r\n",
+    ] {
+        let raw = format!("{head}{bad_line}Content-Length: 0\r\n\r\n");
+        let response = client::send(CLIENT_A, setup.keygate.address, raw.as_bytes());
+        assert_eq!(response.status, 400, "{bad_line:?}");
+        assert_eq!(response.error_code(), "parameter_invalid", "{bad_line:?}");
+        assert_eq!(
+            response.header("content-type"),
+            Some("application/json"),
+            "{bad_line:?}"
+        );
+        assert!(response.header("x-request-id").is_some(), "{bad_line:?}");
+    }
+    assert_eq!(setup.upstream.count(), 0);
+    assert!(setup.upstream.wire_bytes().is_empty());
+    let output = setup
+        .keygate
+        .wait_for_output("\"code\":\"parameter_invalid\"");
+    assert!(output.contains("\"status\":400"), "{output}");
+}
+
 fn base64_of(text: &str) -> String {
     use base64::Engine;
     base64::engine::general_purpose::STANDARD.encode(text)

@@ -215,6 +215,27 @@ fn header_over_limit_gets_431() {
     assert_eq!(response.error_code(), "request_header_fields_too_large");
     assert_eq!(upstream.count(), 0);
     assert_eq!(post(&keygate, MESSAGES_A, KEY_A).status, 201);
+
+    // Over Pingora's own limits, 1 MiB and 256 lines, the answer is the same.
+    let huge = "h".repeat(1_100_000);
+    let lines: Vec<(String, String)> = (0..300)
+        .map(|n| (format!("X-Line-{n}"), "v".to_owned()))
+        .collect();
+    let many: Vec<(&str, &str)> = lines
+        .iter()
+        .map(|(n, v)| (n.as_str(), v.as_str()))
+        .collect();
+    let (roomy_upstream, roomy) = start("[limits]\nmax_header_bytes = 65536");
+    for raw in [
+        request("GET", MESSAGES_A, &[("X-Padding", &huge)], b""),
+        request("GET", MESSAGES_A, &many, b""),
+    ] {
+        let response = send(CLIENT_A, roomy.address, &raw);
+        assert_eq!(response.status, 431);
+        assert_eq!(response.error_code(), "request_header_fields_too_large");
+        assert!(response.header("x-request-id").is_some());
+    }
+    assert_eq!(roomy_upstream.count(), 0);
 }
 
 #[test]

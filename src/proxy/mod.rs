@@ -597,6 +597,18 @@ pub fn timeout_reply() -> ErrorReply {
     }
 }
 
+/// The error response for a request header that is not valid HTTP/1.1.
+pub fn malformed_reply() -> ErrorReply {
+    ErrorReply {
+        status: 400,
+        code: "parameter_invalid",
+        error_type: "invalid_request_error",
+        message: "The request is not valid HTTP/1.1.",
+        challenge: None,
+        retry_after: None,
+    }
+}
+
 /// Generates a request id: `req_` and 32 random hexadecimal digits.
 pub fn new_request_id() -> String {
     format!("req_{:032x}", rand::random::<u128>())
