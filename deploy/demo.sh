@@ -62,7 +62,7 @@ show() {
   echo
   echo "# $1"
   shift
-  echo "\$ curl $(printf '%q ' "$@")"
+  echo "\$ curl --include $(printf '%q ' "$@")"
   curl --silent --show-error --include "$@" | tr -d '\r'
   echo
 }

@@ -422,6 +422,9 @@ fn hash_key() -> Result<(), AppError> {
             "the input contains whitespace or more than one line; pass the key alone",
         ));
     }
+    if let Some(problem) = keygate::table::key_format_problem(key) {
+        return Err(AppError::InvalidKey(problem));
+    }
     println!("{}", KeyHash::of(key).to_hex());
     Ok(())
 }

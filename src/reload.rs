@@ -188,17 +188,22 @@ impl Reloader {
         );
     }
 
-    /// Counts and logs a rejected version, unless the same rejection was already reported
-    /// and no SIGHUP requests it again.
+    /// Counts and logs a rejected version, unless the same rejection was already reported.
+    /// SIGHUP logs it again without counting it again.
     fn reject(&self, trigger: Trigger, rejected: Rejected, problems: &[String]) {
-        {
+        let repeated = {
             let mut versions = self.versions.lock().unwrap_or_else(|e| e.into_inner());
-            if versions.rejected.as_ref() == Some(&rejected) && trigger != Trigger::Signal {
+            let repeated = versions.rejected.as_ref() == Some(&rejected);
+            if repeated && trigger != Trigger::Signal {
                 return;
             }
             versions.rejected = Some(rejected);
+            repeated
+        };
+        // SIGHUP logs a rejected version again, but it is one rejection for the metric.
+        if !repeated {
+            self.metrics.record_rejected_reload();
         }
-        self.metrics.record_rejected_reload();
         for problem in problems {
             tracing::warn!(config.path = %self.path.display(), error = %problem, "config file problem");
         }

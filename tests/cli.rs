@@ -221,15 +221,22 @@ fn key_hash_rejects_bad_input() {
         b"\n",
         b"key_test_a key_test_b\n",
         b"key_test_a\nkey_test_b\n",
+        b"garbage\n",
+        b"key_prod_abc\n",
+        b"key_test_a=b\n",
+        b"key_test_\xc3\xa9\n",
     ] {
         let output = keygate_with_stdin(&["key", "hash"], input);
         assert_eq!(output.status.code(), Some(65), "{input:?}");
         assert!(output.stdout.is_empty());
+        assert!(text(&output.stderr).contains("the input"), "{input:?}");
     }
-    let crlf = keygate_with_stdin(&["key", "hash"], b"abc\r\n");
+    // SHA-256 of "key_test_abc"; the line ending is not part of the key.
+    let crlf = keygate_with_stdin(&["key", "hash"], b"key_test_abc\r\n");
+    assert_eq!(crlf.status.code(), Some(0), "{}", text(&crlf.stderr));
     assert_eq!(
         text(&crlf.stdout).trim_end(),
-        "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        "d8651589be9bd8b8aec2e27540de14b51425e7c676d4e3cc90fb996c30056faa"
     );
 }
 

@@ -168,6 +168,15 @@ fn failed_reload_counts_and_keeps_generation() {
     );
     // The timer reads the same invalid file again every second without counting it.
     std::thread::sleep(Duration::from_millis(2500));
+    // SIGHUP logs the rejection again, and it is still one rejected version.
+    operated.keygate.signal("HUP");
+    wait_until(
+        || {
+            let output = operated.keygate.stdout();
+            output.matches("configuration rejected").count() == 2
+        },
+        "the rejection logged again after SIGHUP",
+    );
     let metrics = admin_get(operated.admin, "/metrics").1;
     assert_eq!(sample(&metrics, rejected), Some(1.0));
     assert_eq!(sample(&metrics, "keygate_config_generation"), Some(1.0));

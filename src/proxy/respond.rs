@@ -55,7 +55,7 @@ fn error_header(reply: &ErrorReply, request_id: &str, body_len: usize) -> Result
     response.insert_header(header::CONTENT_LENGTH, body_len.to_string())?;
     response.insert_header("X-Request-Id", request_id)?;
     if let Some(challenge) = reply.challenge {
-        response.insert_header(header::WWW_AUTHENTICATE, challenge)?;
+        response.insert_header("WWW-Authenticate", challenge)?;
     }
     if let Some(seconds) = reply.retry_after {
         response.insert_header(header::RETRY_AFTER, seconds.to_string())?;

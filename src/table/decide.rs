@@ -6,7 +6,7 @@
 
 use std::net::IpAddr;
 
-use super::key::KeyHash;
+use super::key::{Environment, KeyHash};
 use super::path::check_path;
 use super::{KeyEntry, KeySlot, Table};
 
@@ -223,9 +223,29 @@ fn bearer_token(value: &[u8]) -> Option<&[u8]> {
         return None;
     }
     let token = &rest[spaces..];
+    is_token68(token).then_some(token)
+}
+
+/// Returns whether `token` is a token68: what `Bearer` carries.
+fn is_token68(token: &[u8]) -> bool {
     let body_len = token.iter().take_while(|&&b| is_token68_char(b)).count();
     let padding_ok = token[body_len..].iter().all(|&b| b == b'=');
-    (body_len > 0 && padding_ok).then_some(token)
+    body_len > 0 && padding_ok
+}
+
+/// Returns why `key` could never be accepted, for `keygate key hash`: a key is sent as a
+/// bearer token and starts with the prefix of its environment.
+pub fn key_format_problem(key: &[u8]) -> Option<&'static str> {
+    let prefixed = [Environment::Live, Environment::Test]
+        .iter()
+        .any(|environment| key.starts_with(environment.key_prefix().as_bytes()));
+    if !prefixed {
+        return Some("the input is not a key: keys start with key_live_ or key_test_");
+    }
+    if !is_token68(key) {
+        return Some("the input is not a key: keys contain only letters, digits and - . _ ~ + /, with = only at the end");
+    }
+    None
 }
 
 fn is_token68_char(byte: u8) -> bool {

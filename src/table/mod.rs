@@ -14,7 +14,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 pub use client_ip::client_ip;
-pub use decide::{decide, presented_key, Authorization, Decision, Denial, Grant, RequestFacts};
+pub use decide::{
+    decide, key_format_problem, presented_key, Authorization, Decision, Denial, Grant, RequestFacts,
+};
 pub use diff::{NameList, TableDiff};
 pub use ipset::{IndexedIpSet, IpSet};
 pub use key::{Environment, KeyHash};
