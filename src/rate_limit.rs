@@ -4,7 +4,9 @@
 //! arrival time per campaign id. A limit of N requests per period lets a burst of N
 //! through at once and then one request every period / N. The state is keyed by campaign
 //! id, so it survives reloads. A reload that changes a campaign's limit starts that
-//! campaign with a full budget under the new limit.
+//! campaign with a full budget under the new limit. A state whose arrival time has passed
+//! is the same as none, so such states are dropped from time to time, those of removed
+//! campaigns included.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -15,10 +17,19 @@ use crate::table::RateLimit;
 /// The budgets of every campaign that has been limited.
 #[derive(Debug, Default)]
 pub struct RateLimiter {
-    /// The limit in force and the theoretical arrival time of the next request, for each
-    /// campaign.
-    arrivals: Mutex<HashMap<Box<str>, (RateLimit, Instant)>>,
+    arrivals: Mutex<Arrivals>,
 }
+
+/// The limit in force and the theoretical arrival time of the next request, for each
+/// campaign, and the size at which states in the past are dropped next.
+#[derive(Debug, Default)]
+struct Arrivals {
+    by_campaign: HashMap<Box<str>, (RateLimit, Instant)>,
+    prune_at: usize,
+}
+
+/// The smallest number of states at which those in the past are dropped.
+const MIN_PRUNE_AT: usize = 1024;
 
 impl RateLimiter {
     /// Takes one request from the campaign's budget, or returns how long to wait before
@@ -27,7 +38,15 @@ impl RateLimiter {
         let interval = limit.period / limit.requests.max(1);
         let burst = interval * (limit.requests.max(1) - 1);
         let mut arrivals = self.arrivals.lock().unwrap_or_else(|e| e.into_inner());
-        let arrival = match arrivals.get(campaign) {
+        let Arrivals {
+            by_campaign,
+            prune_at,
+        } = &mut *arrivals;
+        if by_campaign.len() >= (*prune_at).max(MIN_PRUNE_AT) {
+            by_campaign.retain(|_, (_, arrival)| *arrival > now);
+            *prune_at = by_campaign.len() * 2;
+        }
+        let arrival = match by_campaign.get(campaign) {
             Some(&(stored_limit, arrival)) if stored_limit == limit => arrival.max(now),
             _ => now,
         };
@@ -35,10 +54,10 @@ impl RateLimiter {
         if ahead > burst {
             return Err(ahead - burst);
         }
-        match arrivals.get_mut(campaign) {
+        match by_campaign.get_mut(campaign) {
             Some(stored) => *stored = (limit, arrival + interval),
             None => {
-                arrivals.insert(campaign.into(), (limit, arrival + interval));
+                by_campaign.insert(campaign.into(), (limit, arrival + interval));
             }
         }
         Ok(())
@@ -130,5 +149,20 @@ mod tests {
         assert_eq!(retry_after_seconds(Duration::from_millis(1000)), 1);
         assert_eq!(retry_after_seconds(Duration::from_millis(1001)), 2);
         assert_eq!(retry_after_seconds(Duration::ZERO), 1);
+    }
+
+    #[test]
+    fn states_in_the_past_are_dropped() {
+        let limiter = RateLimiter::default();
+        let start = Instant::now();
+        for campaign in 0..MIN_PRUNE_AT {
+            let id = format!("removed_{campaign}");
+            assert_eq!(limiter.check(&id, FIVE_PER_MINUTE, start), Ok(()));
+        }
+        let later = start + Duration::from_secs(60);
+        assert_eq!(limiter.check("kept", FIVE_PER_MINUTE, later), Ok(()));
+        let arrivals = limiter.arrivals.lock().unwrap();
+        assert_eq!(arrivals.by_campaign.len(), 1);
+        assert!(arrivals.by_campaign.contains_key("kept"));
     }
 }
