@@ -1,9 +1,9 @@
 //! The admin listener: `/healthz`, `/readyz` and `/metrics`, on an address of its own so
 //! that probes and scrapes never share the proxy's port.
 //!
-//! It runs as a background service with its own accept loop, not as a Pingora listener,
-//! because Pingora closes its listeners when the drain delay ends, and probes and scrapes
-//! need a response for as long as the process lives: 503 on `/readyz` while shutting down.
+//! It runs as a background service with its own accept loop, not as a Pingora listener.
+//! Pingora closes its listeners when the drain delay ends, but probes and scrapes need a
+//! response for as long as the process lives: 503 on `/readyz` while shutting down.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
