@@ -232,7 +232,8 @@ impl ProxyHttp for Keygate {
                 // Pingora reads `None` as the end of the body; an empty chunk sends nothing.
                 *chunk = Bytes::new();
             }
-            if end_of_stream {
+            // A request without a body ends as it would have without this filter.
+            if end_of_stream && !ctx.held_body.is_empty() {
                 *body = Some(std::mem::take(&mut ctx.held_body).freeze());
             }
         }
