@@ -16,6 +16,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::lifecycle::{Lifecycle, Readiness};
 use crate::metrics::Metrics;
+use crate::proxy::reason_phrase;
 
 /// The largest request header the admin listener reads.
 const MAX_REQUEST_BYTES: usize = 8 * 1024;
@@ -63,7 +64,7 @@ impl Endpoints {
         let head = format!(
             "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n",
             reply.status,
-            reason(reply.status),
+            reason_phrase(reply.status),
             reply.content_type,
             reply.body.len(),
         );
@@ -164,13 +165,6 @@ fn plain(status: u16, text: &str) -> Reply {
         body: text.as_bytes().to_vec(),
         head_only: false,
     }
-}
-
-fn reason(status: u16) -> &'static str {
-    http::StatusCode::from_u16(status)
-        .ok()
-        .and_then(|status| status.canonical_reason())
-        .unwrap_or("")
 }
 
 enum HeadError {

@@ -25,7 +25,7 @@ use tokio::time::{timeout_at, Instant};
 
 use crate::lifecycle::{InFlight, Lifecycle};
 use crate::metrics::{Metrics, RequestOutcome};
-use crate::proxy::{error_body, reply_for, AccessLine, ErrorReply, Keygate};
+use crate::proxy::{error_body, reason_phrase, reply_for, AccessLine, ErrorReply, Keygate};
 use crate::table::Denial;
 use crate::table::Table;
 
@@ -192,10 +192,7 @@ impl Frontend {
     async fn reject(&self, stream: &mut Stream, reply: &ErrorReply, duration: Duration) {
         let request_id = crate::proxy::new_request_id();
         let body = error_body(reply, &request_id);
-        let reason = http::StatusCode::from_u16(reply.status)
-            .ok()
-            .and_then(|status| status.canonical_reason())
-            .unwrap_or("");
+        let reason = reason_phrase(reply.status);
         let head = format!(
             "HTTP/1.1 {} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nX-Request-Id: {request_id}\r\nConnection: close\r\n\r\n",
             reply.status,

@@ -29,7 +29,7 @@ use crate::table::{
 use crate::upstream::UpstreamAddresses;
 pub use headers::is_reserved;
 use headers::RawAuthorization;
-pub use respond::{error_body, ErrorReply};
+pub use respond::{error_body, reason_phrase, ErrorReply};
 
 /// The upstream that allowed requests go to.
 #[derive(Debug, Clone)]

@@ -118,6 +118,14 @@ fn should_drain(session: &Session, drain_max_bytes: u64) -> bool {
     }
 }
 
+/// Returns the standard reason phrase of an HTTP status, or "" for an unknown one.
+pub fn reason_phrase(status: u16) -> &'static str {
+    http::StatusCode::from_u16(status)
+        .ok()
+        .and_then(|status| status.canonical_reason())
+        .unwrap_or("")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
