@@ -205,7 +205,7 @@ fn slow_header_gets_408() {
         "{received}"
     );
     assert_eq!(fronted.upstream.count(), 0);
-    // The 408 writes an access log line like any other answered request.
+    // The 408 writes an access log line like any other response.
     let output = fronted.keygate.wait_for_output("\"status\":408");
     let line = output
         .lines()

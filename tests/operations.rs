@@ -366,7 +366,7 @@ fn sigterm_drains_then_finishes_requests_in_flight() {
         || TcpStream::connect(address).is_err(),
         "the proxy listener to close",
     );
-    // The admin listener answers for as long as the process runs.
+    // The admin listener responds for as long as the process runs.
     assert!(!in_flight.is_finished(), "the slow request ended too early");
     assert_eq!(admin_get(admin, "/readyz").0, 503);
     assert_eq!(admin_get(admin, "/healthz").0, 200);

@@ -124,7 +124,7 @@ fn body_over_limit_gets_413() {
     assert_eq!(upstream.count(), 0);
 
     // A chunked body has no declared length, so it is counted as it arrives. Its first
-    // chunk arrives alone, while it is still under the limit, and keygate holds it back
+    // chunk arrives alone, while it is still under the limit, and keygate keeps it back
     // until the whole body is in, so none of it reaches the upstream.
     let mut stream = client::connect(CLIENT_A, keygate.address);
     let head = format!(
@@ -216,7 +216,7 @@ fn header_over_limit_gets_431() {
     assert_eq!(upstream.count(), 0);
     assert_eq!(post(&keygate, MESSAGES_A, KEY_A).status, 201);
 
-    // Over Pingora's own limits, 1 MiB and 256 lines, the answer is the same.
+    // Over Pingora's own limits, 1 MiB and 256 lines, the response is the same.
     let huge = "h".repeat(1_100_000);
     let lines: Vec<(String, String)> = (0..300)
         .map(|n| (format!("X-Line-{n}"), "v".to_owned()))

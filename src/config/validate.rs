@@ -751,7 +751,7 @@ fn check_across_campaigns(
         } else {
             first_with_id.insert(id, index);
         }
-        // A campaign with more keys than a key position holds has an error already.
+        // A campaign with more keys than a key position can count has an error already.
         let indexed = key_places.iter().enumerate().take(usize::from(u8::MAX) + 1);
         for (position, (key_index, span)) in indexed {
             let Err(owner) = keys.insert(campaigns, index, position) else {

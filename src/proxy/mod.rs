@@ -220,8 +220,8 @@ impl ProxyHttp for Keygate {
             );
         }
         // A body without Content-Length is held back until all of it has arrived, so a
-        // body over the limit never reaches the upstream in part: a backend that acts on
-        // rows as they stream in would act on an upload that is then cut off.
+        // body over the limit never reaches the upstream in part. A backend that acts on
+        // rows as they stream in would otherwise act on an upload that is then cut off.
         if !session
             .req_header()
             .headers
@@ -431,7 +431,7 @@ impl ProxyHttp for Keygate {
     }
 }
 
-/// The fields of one access log line. The line never holds the key, the `Authorization`
+/// The fields of one access log line. The line never contains the key, the `Authorization`
 /// header or the query string.
 pub struct AccessLine<'a> {
     pub request_id: &'a str,
@@ -598,7 +598,7 @@ pub fn timeout_reply() -> ErrorReply {
     }
 }
 
-/// The error response for a request header that is not valid HTTP/1.1.
+/// Returns the error response for a request header that is not valid HTTP/1.1.
 pub fn malformed_reply() -> ErrorReply {
     ErrorReply {
         status: 400,

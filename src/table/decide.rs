@@ -184,7 +184,7 @@ fn check(table: &Table, facts: &RequestFacts<'_>) -> Result<Grant, Denial> {
 }
 
 /// Returns the campaign and key of the key that the request presents, when the table
-/// knows it and it has not expired. The access log names them for a request that was
+/// contains it and it has not expired. The access log names them for a request that was
 /// denied for its address or its path.
 pub fn presented_key(table: &Table, facts: &RequestFacts<'_>) -> Option<KeySlot> {
     find_key(table, facts).ok().map(|key| key.slot)
